@@ -1,0 +1,38 @@
+"""Tiny configs and batches shared by the training tests."""
+import numpy as np
+
+from vljax.train.config import base_config
+
+
+def tiny_config(loss: str = "softmax", **changes):
+  """A two-tower config small enough to compile and step in seconds on the CPU."""
+  c = base_config()
+  c.total_steps = 6
+  c.batch_size = 16
+  c.log_every = 2
+  c.eval_every = 0
+  c.checkpoint_every = 3
+  c.model = dict(
+      name="two_tower",
+      image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+      text=dict(width=32, depth=1, mlp_dim=64, num_heads=2),
+      embed_dim=16, loss=loss)
+  c.data = dict(image_size=32, max_text_len=16)
+  c.evals = dict(zeroshot_images=48, retrieval_pairs=40, batch_size=16)
+  c.optim.warmup_steps = 2
+  for key, value in changes.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+def random_batch(config, seed=0, vocab=50):
+  rng = np.random.default_rng(seed)
+  b, s, l = config.batch_size, config.data["image_size"], config.data["max_text_len"]
+  tokens = rng.integers(4, vocab, size=(b, l)).astype(np.int32)
+  tokens[:, -3:] = 0  # padding
+  tokens[:, -4] = 3  # eos
+  return {"image": rng.integers(0, 256, size=(b, s, s, 3)).astype(np.uint8), "text": tokens}

@@ -1,0 +1,112 @@
+"""Input pipelines on grain: per-process shards of the global batch, deterministic given a seed,
+optional worker processes, and checkpointable iterator state.
+
+A source is a grain random-access data source whose examples are dicts with "image"
+(uint8 [H, W, 3]) and "caption" (str). `train_iterator` turns it into batches of
+{"image": uint8 [b, H, W, 3], "text": int32 [b, L], ...} for this process's b = B / processes
+examples; `global_batch` assembles the processes' local batches into arrays sharded over the mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vljax.data.shapes import ShapesWorld
+from vljax.data.tokenizer import Tokenizer, shapes_tokenizer
+from vljax.sharding import batch_sharding
+
+DATA_DEFAULTS = dict(
+    source="shapes",  # "shapes" (embedded); later: "webdataset", "tfds"
+    image_size=64,
+    max_text_len=32,
+    text_bos=False,  # prepend BOS (BERT-style CLS pooling needs it)
+    text_eos=True,
+    tokenizer="",  # path of a sentencepiece model; "" = the shapes world tokenizer
+    world_seed=0,
+    min_objects=1,
+    max_objects=3,
+    num_train_examples=100_000,
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+    workers=0,  # grain worker processes (0: in the main process)
+    prefetch=2,  # per-worker buffer size
+)
+
+
+def data_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """DATA_DEFAULTS updated by `cfg`; an unknown key raises naming it."""
+  unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
+  if unknown:
+    raise ValueError(f"Unknown config key(s) {', '.join('config.data.' + k for k in unknown)}; "
+                     f"valid keys: {', '.join(sorted(DATA_DEFAULTS))}")
+  return ml_collections.ConfigDict({**DATA_DEFAULTS, **dict(cfg)})
+
+
+def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
+  return Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else shapes_tokenizer()
+
+
+def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
+  """The random-access source of a split."""
+  if cfg.source != "shapes":
+    raise ValueError(f"config.data.source={cfg.source!r} is not available; choose 'shapes'")
+  kw = dict(split=split, seed=cfg.world_seed, image_size=cfg.image_size,
+            min_objects=cfg.min_objects, max_objects=cfg.max_objects)
+  if split == "train":
+    kw["num_examples"] = cfg.num_train_examples
+  kw.update(overrides)
+  return ShapesWorld(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeCaption(grain.transforms.Map):
+  """Example dict -> {"image", "text" (int32 [L]), "label"}; drops string fields."""
+
+  tokenizer: Tokenizer
+  max_len: int
+  bos: bool
+  eos: bool
+
+  def map(self, example: dict) -> dict:
+    tokens = self.tokenizer.encode([example["caption"]], self.max_len, bos=self.bos, eos=self.eos)[0]
+    return {"image": example["image"], "text": tokens,
+            "label": np.int32(example.get("label", -1))}
+
+
+def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int,
+                   global_batch_size: int, process_index: int = 0, process_count: int = 1):
+  """An endless, checkpointable iterator of this process's share of each global batch.
+
+  The order is a pure function of `seed`: every epoch is a fresh permutation of the source,
+  and process p takes every `process_count`-th example starting at p.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"batch_size {global_batch_size} is not divisible by {process_count} processes")
+  source = make_source(cfg, "train")
+  ds = grain.MapDataset.source(source).repeat().shuffle(seed=seed)
+  ds = ds[process_index::process_count]
+  ds = ds.map(TokenizeCaption(tokenizer, cfg.max_text_len, cfg.text_bos, cfg.text_eos))
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  if cfg.workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
+                                                           per_worker_buffer_size=cfg.prefetch))
+  return iter(it_ds)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+  """Each process's local rows -> global arrays sharded along the batch over the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
+          for k, v in local_batch.items()}
+
+
+def normalize_images(images_bhwc: jax.Array, mean, std) -> jax.Array:
+  """uint8 images -> float32 (x / 255 - mean) / std, on device (transfers stay uint8)."""
+  x = images_bhwc.astype(np.float32) / 255.0
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

@@ -1,0 +1,96 @@
+"""Text transformer encoders: causal (CLIP, pooled at the end-of-text token) and bidirectional
+(BERT/ALIGN, pooled at a leading CLS token; SigLIP, pooled at the last token or by MAP).
+
+Input tokens are [B, T] int32, right-padded with `pad_id`; the end-of-text token of each row is
+its last non-pad token (the tokenizer appends EOS), so no special vocabulary order is assumed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vljax.models.vit import VARIANTS
+from vljax.nn import (AttentionPool, Dense, LayerNorm, LearnedPosEmbed, TokenEmbed, Transformer, causal_mask,
+                      combine_masks, constrain, padding_mask, pool_tokens)
+
+# Sizes come from the ViT table (big_vision's convention): CLIP's ViT-B text tower (512 wide,
+# 12 layers, 8 heads) is "M", its ViT-L/14 text tower "B", its ViT-H/14 text tower "L".
+TEXT_VARIANTS = VARIANTS
+
+
+def eot_index(tokens_bt: jax.Array, pad_id: int) -> jax.Array:
+  """Index of the last non-pad token per row (0 for an all-pad row)."""
+  length_b = (tokens_bt != pad_id).sum(axis=1)
+  return jnp.maximum(length_b - 1, 0)
+
+
+class TextTransformer(nn.Module):
+  """Token + position embeddings, a transformer, pooling and an optional linear projection."""
+
+  vocab_size: int
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  max_len: int = 77
+  causal: bool = True  # CLIP: causal; ALIGN/BERT, SigLIP: bidirectional
+  pool: str = "eot"  # "eot" | "cls" (first token) | "last" | "gap" | "map"
+  pad_id: int = 0
+  act: str = "gelu"
+  norm_eps: float = 1e-6
+  norm_position: str = "pre"  # "post" for BERT
+  dropout: float = 0.0
+  out_dim: int | None = None
+  out_bias: bool = False
+  scan: bool = False
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def sizes(self) -> dict[str, int]:
+    sizes = {}
+    if self.variant is not None:
+      if self.variant not in TEXT_VARIANTS:
+        raise ValueError(f"Unknown text variant {self.variant!r}; sizes are {sorted(TEXT_VARIANTS)}")
+      sizes = dict(zip(("width", "depth", "mlp_dim", "num_heads"), TEXT_VARIANTS[self.variant]))
+    for key in ("width", "depth", "mlp_dim", "num_heads"):
+      if getattr(self, key) is not None:
+        sizes[key] = getattr(self, key)
+      if key not in sizes:
+        raise ValueError(f"TextTransformer needs {key!r}: give variant= or {key}=")
+    return sizes
+
+  @nn.compact
+  def __call__(self, tokens_bt: jax.Array, train: bool = False):
+    s = self.sizes()
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if tokens_bt.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens_bt.shape}")
+    tokens_bt = constrain(tokens_bt, ("batch", "seq"))
+    valid_bt = tokens_bt != self.pad_id
+    x = TokenEmbed(self.vocab_size, s["width"], name="token_embedding", **kw)(tokens_bt)
+    x = LearnedPosEmbed(self.max_len, init_std=0.01, name="pos_embedding")(x)
+    if self.norm_position == "post":  # BERT normalises the embeddings before the first layer
+      x = LayerNorm(self.norm_eps, name="embed_norm", **kw)(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    mask = combine_masks(padding_mask(valid_bt), causal_mask(tokens_bt.shape[1]) if self.causal else None)
+    x = Transformer(s["depth"], s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
+                    norm_eps=self.norm_eps, norm_position=self.norm_position, scan=self.scan,
+                    remat=self.remat, name="encoder", **kw)(x, mask, deterministic=not train)
+    aux = {"tokens": x}
+    if self.pool == "eot":
+      pooled = pool_tokens(x, "index", index_b=eot_index(tokens_bt, self.pad_id))
+    elif self.pool == "map":
+      pooled = AttentionPool(s["num_heads"], mlp_dim=s["mlp_dim"], norm_eps=self.norm_eps,
+                             name="map_head", **kw)(x, padding_mask(valid_bt))[:, 0]
+    else:
+      pooled = pool_tokens(x, self.pool, valid_bt=valid_bt)
+    aux["pre_logits"] = pooled
+    out = pooled
+    if self.out_dim is not None:
+      out = Dense(self.out_dim, "embed", None, use_bias=self.out_bias, name="head", **kw)(pooled)
+    return out, aux

@@ -1,0 +1,112 @@
+"""Shared small layers: partitioned initialisers, dense layers, norms and the MLP block.
+
+Every weight carries logical axis names from one vocabulary (see `vljax.sharding.rules`):
+`embed, mlp, heads, kv, vocab, layers` for parameters and `batch, seq, act_embed, act_mlp,
+act_heads` for activations. Only the config decides which mesh axis each name maps to.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+  """An initialiser whose parameter is boxed with logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical names (a no-op outside a mesh / rules context)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+class Dense(nn.Module):
+  """`y = x @ W + b` over the last axis, with logical names for W's input and output axes."""
+
+  features: int
+  in_axis: str | None = "embed"  # logical name of the input feature axis
+  out_axis: str | None = "mlp"  # logical name of the output feature axis
+  use_bias: bool = True
+  kernel_init: Initializer = default_kernel_init
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Dense(
+        self.features,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=partitioned(self.kernel_init, (self.in_axis, self.out_axis)),
+        bias_init=partitioned(nn.initializers.zeros, (self.out_axis,)),
+        name="dense",
+    )(x)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm (or RMSNorm with `rms=True`) with logically named scale and bias."""
+
+  epsilon: float = 1e-6
+  rms: bool = False
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale_init = partitioned(nn.initializers.ones, ("embed",))
+    if self.rms:
+      return nn.RMSNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                        scale_init=scale_init, name="norm")(x)
+    return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                        use_bias=self.use_bias, scale_init=scale_init,
+                        bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="norm")(x)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # ViT, BERT
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # big_vision, SigLIP
+    "quick_gelu": quick_gelu,  # OpenAI CLIP
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+class MlpBlock(nn.Module):
+  """Transformer feed-forward block: Dense(mlp_dim) -> activation -> dropout -> Dense(width)."""
+
+  mlp_dim: int
+  act: str = "gelu"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array, deterministic: bool = True) -> jax.Array:
+    width = x_btd.shape[-1]
+    h_btm = Dense(self.mlp_dim, "embed", "mlp", dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="fc1")(x_btd)
+    h_btm = constrain(activation(self.act)(h_btm), ("batch", "seq", "act_mlp"))
+    h_btm = nn.Dropout(self.dropout)(h_btm, deterministic=deterministic)
+    return Dense(width, "mlp", "embed", dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="fc2")(h_btm)

@@ -1,0 +1,93 @@
+"""Model families: what each contributes to the one training loop.
+
+A family names its model inputs, its loss (a pure function of parameters and a batch) and its
+evaluators. The loop (`vljax.train.loop`) knows nothing else about any family.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from vljax.data.pipeline import normalize_images
+from vljax.losses.contrastive import sigmoid_loss, softmax_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+  """Static things a loss needs besides parameters and a batch."""
+
+  model: nn.Module
+  config: ml_collections.ConfigDict
+  data: ml_collections.ConfigDict
+  mesh: Mesh | None = None
+
+
+def contrastive_loss(ctx: LossContext, zimg, ztxt, aux) -> tuple[jax.Array, dict]:
+  """The two-tower contrastive loss chosen by the model (softmax / sigmoid) and config.loss."""
+  impl = ctx.config.loss.impl
+  chunk = ctx.config.loss.chunk_size or None
+  kw = dict(impl=impl, chunk_size=chunk)
+  if impl == "ring":
+    if ctx.mesh is None:
+      raise ValueError("config.loss.impl='ring' needs a mesh")
+    # The ring runs over the mesh axes the batch is sharded over.
+    batch_axes = nn.logical_to_mesh_axes(("batch",), [tuple(r) for r in ctx.config.sharding_rules])[0]
+    batch_axes = tuple(a for a in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,))
+                       if a in ctx.mesh.axis_names and ctx.mesh.shape[a] > 1)
+    kw.update(mesh=ctx.mesh, axis=batch_axes or ctx.mesh.axis_names[0])
+  if "b" in aux:
+    loss, metrics = sigmoid_loss(zimg, ztxt, aux["t"], aux["b"], **kw)
+    metrics = {**metrics, "b": aux["b"]}
+  else:
+    loss, metrics = softmax_loss(zimg, ztxt, aux["t"], **kw)
+  return loss, {**metrics, "t": aux["t"]}
+
+
+def two_tower_loss(ctx: LossContext, params, batch: Mapping[str, jax.Array], rng: jax.Array):
+  images = normalize_images(batch["image"], ctx.data.image_mean, ctx.data.image_std)
+  (zimg, ztxt), aux = ctx.model.apply({"params": params}, images, batch["text"], train=True,
+                                      rngs={"dropout": rng})
+  return contrastive_loss(ctx, zimg, ztxt, aux)
+
+
+def two_tower_embed_images(model: nn.Module, params, images_bhwc: jax.Array) -> jax.Array:
+  (zimg, _), _ = model.apply({"params": params}, images_bhwc, None)
+  return zimg
+
+
+def two_tower_embed_texts(model: nn.Module, params, tokens_bt: jax.Array) -> jax.Array:
+  (_, ztxt), _ = model.apply({"params": params}, None, tokens_bt)
+  return ztxt
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A family's contribution to the loop."""
+
+  loss_fn: Callable[[LossContext, Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+  init_inputs: Callable[[ml_collections.ConfigDict], tuple]  # dummy model inputs for init
+  embed_images: Callable | None = None  # (model, params, normalised images) -> [N, D]
+  embed_texts: Callable | None = None  # (model, params, tokens) -> [N, D]
+
+
+def _image_text_inputs(data: ml_collections.ConfigDict) -> tuple:
+  return (jnp.zeros((1, data.image_size, data.image_size, 3), jnp.float32),
+          jnp.zeros((1, data.max_text_len), jnp.int32))
+
+
+FAMILIES: dict[str, Family] = {
+    "two_tower": Family(two_tower_loss, _image_text_inputs, two_tower_embed_images,
+                        two_tower_embed_texts),
+}
+
+
+def get_family(name: str) -> Family:
+  if name not in FAMILIES:
+    raise ValueError(f"config.family={name!r}; choose one of {sorted(FAMILIES)}")
+  return FAMILIES[name]

@@ -1,0 +1,255 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop shared by every family."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from vljax.data.pipeline import (build_tokenizer, data_config, global_batch, normalize_images,
+                                 train_iterator)
+from vljax.evals.contrastive import ImageTextEvaluator, eval_config
+from vljax.models import build_model
+from vljax.sharding import make_mesh, replicated
+from vljax.train import optim
+from vljax.train.checkpoint import Checkpointer, load_params
+from vljax.train.config import validate
+from vljax.train.families import Family, LossContext, get_family
+from vljax.train.logging import MetricWriter, Progress
+from vljax.train.state import TrainState, init_state, state_shardings
+
+log = logging.getLogger("vljax")
+
+
+def _model_config(config: ml_collections.ConfigDict, tokenizer, data_cfg) -> dict:
+  """config.model with the text vocabulary and length filled from the tokenizer and data."""
+  model_cfg = config.model.to_dict()
+  if "text" in model_cfg:
+    text = dict(model_cfg["text"])
+    text.setdefault("vocab_size", tokenizer.vocab_size)
+    text.setdefault("max_len", data_cfg.max_text_len)
+    text.setdefault("pad_id", tokenizer.pad_id)
+    model_cfg["text"] = text
+  model_cfg["dtype"] = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  return model_cfg
+
+
+def make_train_step(family: Family, ctx: LossContext, tx: optax.GradientTransformation,
+                    lr_fn: optax.Schedule, frozen: Any, seed: int):
+  """The pure step `(state, batch) -> (state, metrics)`; randomness is folded from the step."""
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def loss_fn(params):
+      return family.loss_fn(ctx, optim.stop_frozen(params, frozen), batch, rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+           "train/lr": lr_fn(state.step)}
+    out.update({f"train/{k}": v for k, v in metrics.items()})
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
+
+  return train_step
+
+
+def _load_init_params(config, params, shardings):
+  """Copies parameters whose path matches config.init.params from config.init.checkpoint."""
+  loaded = flax.traverse_util.flatten_dict(load_params(config.init.checkpoint), sep="/")
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep="/")
+  pattern = re.compile(config.init.params or ".*")
+  wanted = [k for k in flat if pattern.fullmatch(k)]
+  if not wanted:
+    raise ValueError(f"config.init.params={config.init.params!r} matches no parameter")
+  missing = [k for k in wanted if k not in loaded]
+  if missing:
+    raise ValueError(f"checkpoint {config.init.checkpoint!r} lacks {len(missing)} parameter(s) "
+                     f"matching config.init.params: {', '.join(missing[:5])}")
+  for key in wanted:
+    if tuple(loaded[key].shape) != tuple(flat[key].shape):
+      raise ValueError(f"shape mismatch for {key}: checkpoint {loaded[key].shape}, model {flat[key].shape}")
+    flat[key] = jax.device_put(np.asarray(loaded[key], flat[key].dtype), flat_shardings[key])
+  log.info("Initialised %d parameters from %s", len(wanted), config.init.checkpoint)
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _put_global(x: np.ndarray, sharding) -> jax.Array:
+  """A host array present on every process -> a global array with `sharding`."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before training: model, mesh, optimizer, shardings, step."""
+
+  config: ml_collections.ConfigDict
+  data_cfg: ml_collections.ConfigDict
+  family: Family
+  tokenizer: Any
+  model: nn.Module
+  mesh: Mesh
+  rules: list
+  tx: optax.GradientTransformation
+  frozen: Any
+  abstract_state: TrainState
+  shardings: TrainState
+  init_params: Any
+  train_step: Any  # jitted (state, batch) -> (state, metrics), donating the state
+
+  def init(self) -> TrainState:
+    state = init_state(self.init_params, self.tx, jax.random.key(self.config.seed), self.shardings)
+    if self.config.init.checkpoint:
+      state = state.replace(params=_load_init_params(self.config, state.params, self.shardings.params))
+    return state
+
+  def context(self):
+    """The mesh and logical-rules context that steps and constraints run under."""
+    return _MeshContext(self.mesh, self.rules)
+
+
+class _MeshContext:
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+    self._stack = []
+
+  def __enter__(self):
+    for cm in (self.mesh, nn.logical_axis_rules(self.rules)):
+      cm.__enter__()
+      self._stack.append(cm)
+    return self
+
+  def __exit__(self, *exc):
+    while self._stack:
+      self._stack.pop().__exit__(*exc)
+
+
+def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=None) -> Experiment:
+  """Validates `config` and builds the model, mesh, optimizer, shardings and jitted step.
+
+  Nothing is allocated on devices: parameters exist only as shapes until `Experiment.init`.
+  """
+  config = validate(config)
+  data_cfg = data_config(config.data)
+  family = get_family(config.family)
+  tokenizer = tokenizer or build_tokenizer(data_cfg)
+  model = build_model(_model_config(config, tokenizer, data_cfg))
+  mesh = make_mesh(config.mesh, devices)
+  rules = [tuple(r) for r in config.sharding_rules]
+
+  def init_params(rng):
+    return model.init(rng, *family.init_inputs(data_cfg))["params"]
+
+  abstract_params = nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+  tx, lr_fn, frozen = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+  with _MeshContext(mesh, rules):
+    abstract_state, shardings = state_shardings(init_params, tx, mesh, rules)
+  ctx = LossContext(model=model, config=config, data=data_cfg, mesh=mesh)
+  step = jax.jit(make_train_step(family, ctx, tx, lr_fn, frozen, config.seed),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  return Experiment(config, data_cfg, family, tokenizer, model, mesh, rules, tx, frozen,
+                    abstract_state, shardings, init_params, step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the final
+  evaluation, also written to `workdir/metrics.json`."""
+  exp = build_experiment(config)
+  config, mesh, rules = exp.config, exp.mesh, exp.rules
+  eval_cfg = eval_config(config.evals)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params))
+  log.info("Mesh %s over %d devices (%s); model %s with %.2fM parameters", dict(mesh.shape),
+           mesh.size, jax.default_backend(), config.model.get("name"), num_params / 1e6)
+
+  writer = MetricWriter(workdir, enabled=is_main)
+  with exp.context():
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    data_it = train_iterator(exp.data_cfg, exp.tokenizer, seed=config.seed,
+                             global_batch_size=config.batch_size,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    start = checkpointer.latest_step()
+    if start is not None:
+      log.info("Resuming from the checkpoint at step %d in %s", start, checkpointer.directory)
+      state = checkpointer.restore(start, exp.abstract_state, exp.shardings, data_it)
+    else:
+      start = 0
+      state = exp.init()
+
+    evaluator = ImageTextEvaluator(exp.data_cfg, eval_cfg, exp.tokenizer)
+    embed = _embedders(exp.family, exp.model, exp.data_cfg, mesh, rules)
+
+    def evaluate(step: int) -> dict[str, float]:
+      t0 = time.time()
+      metrics = evaluator.run(functools.partial(embed["images"], state.params),
+                              functools.partial(embed["texts"], state.params))
+      writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
+      return metrics
+
+    progress = Progress(config.total_steps, start, enabled=is_main)
+    pending: list[dict] = []
+    t_window = time.time()
+    for step in range(start + 1, config.total_steps + 1):
+      batch = global_batch(next(data_it), mesh, rules)
+      state, metrics = exp.train_step(state, batch)
+      pending.append(metrics)
+      if step % config.log_every == 0 or step == config.total_steps:
+        window = jax.device_get(pending)
+        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        summary["train/steps_per_sec"] = len(window) / (time.time() - t_window)
+        if not np.isfinite(summary["train/loss"]):
+          raise FloatingPointError(f"non-finite training loss at step {step}")
+        writer.write(step, summary)
+        progress.update(step)
+        pending, t_window = [], time.time()
+      if config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.total_steps:
+        checkpointer.save(step, state, data_it)
+      if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+        evaluate(step)
+    if start < config.total_steps:
+      checkpointer.save(config.total_steps, state, data_it)
+    final = evaluate(config.total_steps)
+    checkpointer.close()
+  writer.close()
+  if is_main:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump({k: float(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
+    log.info("Final evaluation: %s", json.dumps(final, sort_keys=True))
+  return final
+
+
+def _embedders(family: Family, model, data_cfg, mesh, rules):
+  """Jitted (params, host batch) -> host embeddings for the image and text sides."""
+  from vljax.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
+
+  def images(params, images_bhwc):
+    return family.embed_images(model, params, normalize_images(images_bhwc, data_cfg.image_mean,
+                                                               data_cfg.image_std))
+
+  def texts(params, tokens_bt):
+    return family.embed_texts(model, params, tokens_bt)
+
+  out = {}
+  for name, fn in (("images", images), ("texts", texts)):
+    jitted = jax.jit(fn, out_shardings=replicated(mesh))
+
+    def run(params, x, jitted=jitted):
+      return np.asarray(jitted(params, _put_global(np.asarray(x), batch_sharding(mesh, rules, np.ndim(x)))))
+    out[name] = run
+  return out
