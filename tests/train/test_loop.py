@@ -27,6 +27,8 @@ def test_train_writes_metrics_and_resumes(tmp_path, caplog):
   assert train_steps == [2, 4, 6]
   assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
   assert Checkpointer(workdir).latest_step() == 6
+  for picture in ("samples.png", "curves.png"):
+    assert os.path.getsize(os.path.join(workdir, picture)) > 10_000
 
   # Longer run in the same workdir: resumes from step 6 and trains only steps 7..8.
   config = tiny_config(total_steps=8)

@@ -23,13 +23,19 @@ COUNT_WORDS: tuple[str, ...] = (
 
 # CLIP-style prompts for zero-shot classification; "{}" takes a class name such as "red circle".
 # No template puts "a" right before the class name, which would read "a orange ...".
-ZEROSHOT_TEMPLATES: tuple[str, ...] = (
+GENERIC_TEMPLATES: tuple[str, ...] = (
     "a picture of the {}.",
     "there is one {}.",
     "the {} in the picture.",
     "an image showing one {}.",
     "one {} on a dark background.",
 )
+
+# CLIP ensembles many prompts per class ("a photo of a small {}.", "a photo of the large {}.",
+# ...). Captions here always state size and position, which a class name leaves out, so the
+# ensemble also spans those nuisance attributes: the class embedding is their average.
+ZEROSHOT_TEMPLATES: tuple[str, ...] = GENERIC_TEMPLATES + tuple(
+    f"a {size} {{}} {phrase}." for size in shapes.SIZES for phrase in POSITION_PHRASES)
 
 
 def position_phrase(obj: shapes.ShapeObject) -> str:

@@ -76,7 +76,19 @@ class ImageTextEvaluator:
       metrics.update(zeroshot_accuracy(zs_emb[self.zs_held_out], classifier,
                                        self.zs_labels[self.zs_held_out], ks=(1,),
                                        prefix="zeroshot_held_out"))
+    self._last_classifier = classifier
     img_emb = batched(embed_images, self.rt_images, bs)
     txt_emb = text_fn(self.rt_captions)
     metrics.update(retrieval_metrics(img_emb, txt_emb))
     return metrics
+
+  def sample_lines(self, embed_images: Callable[[np.ndarray], np.ndarray], count: int = 8):
+    """(images, lines) for `samples.png`: reference caption and top-3 zero-shot labels of the
+    first `count` retrieval images (uses the classifier of the last `run`)."""
+    images = self.rt_images[:count]
+    scores = batched(embed_images, images, self.cfg.batch_size) @ self._last_classifier.T
+    top3 = np.argsort(-scores, axis=1)[:, :3]
+    lines = [[f"reference: {caption}",
+              "zero-shot: " + ", ".join(self.class_names[c] for c in row)]
+             for caption, row in zip(self.rt_captions[:count], top3)]
+    return images, lines

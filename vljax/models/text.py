@@ -40,6 +40,7 @@ class TextTransformer(nn.Module):
   causal: bool = True  # CLIP: causal; ALIGN/BERT, SigLIP: bidirectional
   pool: str = "eot"  # "eot" | "cls" (first token) | "last" | "gap" | "map"
   pad_id: int = 0
+  mask_padding: bool = True  # False: pads are ordinary tokens (big_vision / HF SigLIP)
   act: str = "gelu"
   norm_eps: float = 1e-6
   norm_position: str = "pre"  # "post" for BERT
@@ -77,7 +78,7 @@ class TextTransformer(nn.Module):
     if self.norm_position == "post":  # BERT normalises the embeddings before the first layer
       x = LayerNorm(self.norm_eps, name="embed_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    mask = combine_masks(padding_mask(valid_bt), causal_mask(tokens_bt.shape[1]) if self.causal else None)
+    mask = combine_masks(padding_mask(valid_bt) if self.mask_padding else None, causal_mask(tokens_bt.shape[1]) if self.causal else None)
     x = Transformer(s["depth"], s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
                     norm_eps=self.norm_eps, norm_position=self.norm_position, scan=self.scan,
                     remat=self.remat, name="encoder", **kw)(x, mask, deterministic=not train)

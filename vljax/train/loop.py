@@ -22,13 +22,14 @@ from jax.sharding import Mesh
 from vljax.data.pipeline import (build_tokenizer, data_config, global_batch, normalize_images,
                                  train_iterator)
 from vljax.evals.contrastive import ImageTextEvaluator, eval_config
+from vljax.evals.pictures import plot_curves, plot_samples
 from vljax.models import build_model
 from vljax.sharding import make_mesh, replicated
 from vljax.train import optim
 from vljax.train.checkpoint import Checkpointer, load_params
 from vljax.train.config import validate
 from vljax.train.families import Family, LossContext, get_family
-from vljax.train.logging import MetricWriter, Progress
+from vljax.train.logging import MetricWriter, Progress, read_jsonl
 from vljax.train.state import TrainState, init_state, state_shardings
 
 log = logging.getLogger("vljax")
@@ -225,9 +226,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start < config.total_steps:
       checkpointer.save(config.total_steps, state, data_it)
     final = evaluate(config.total_steps)
+    if is_main:
+      images, lines = evaluator.sample_lines(functools.partial(embed["images"], state.params))
+      plot_samples(images, lines, os.path.join(workdir, "samples.png"))
     checkpointer.close()
   writer.close()
   if is_main:
+    plot_curves(read_jsonl(writer.jsonl_path), os.path.join(workdir, "curves.png"))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({k: float(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
     log.info("Final evaluation: %s", json.dumps(final, sort_keys=True))

@@ -1,0 +1,36 @@
+"""SigLIP B/16 as in Zhai et al. (2023): 224px, bidirectional text tower of width 768 ("B") with
+64 tokens, MAP-pooled image tower, sigmoid loss (t' = log 10, b = -10), batch 32,768, AdamW
+(lr 1e-3, wd 1e-4), bf16 compute, the chunked sigmoid loss. For accelerators; set a real data
+source before running.
+
+  python experiments/main.py --config=siglip_b16.py --workdir=gs://bucket/siglip_b16
+"""
+from vljax.train.config import load_config
+
+
+def get_config():
+  c = load_config("clip_tiny.py")
+  c.total_steps = 100_000
+  c.batch_size = 32_768
+  c.log_every = 100
+  c.eval_every = 5_000
+  c.checkpoint_every = 1_000
+  c.compute_dtype = "bfloat16"
+  c.model = dict(
+      name="two_tower",
+      image=dict(variant="B/16", pool="map", act="gelu_tanh", scan=True, remat="dots_no_batch"),
+      text=dict(variant="B", causal=False, pool="last", mask_padding=False, act="gelu_tanh",
+                out_bias=True,
+                scan=True, remat="dots_no_batch"),
+      embed_dim=768,
+      loss="sigmoid",
+      max_scale=None,
+  )
+  c.data = dict(image_size=224, max_text_len=64)
+  c.loss.impl = "chunked"
+  c.loss.chunk_size = 4096
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 5_000
+  c.optim.weight_decay = 1e-4
+  c.optim.b2 = 0.95
+  return c
