@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
+import numpy as np
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,12 +41,32 @@ def _resolve_config_flag(argv: list[str]) -> list[str]:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print parameter counts, FLOPs per step and compiled "
+                             "per-device memory for the configured mesh and batch, then exit.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", 0, "On a CPU host, fake this many devices for --dry_run (default: the "
+    "product of the config's fixed mesh axis sizes, at least 8).")
+
+
+def _fake_cpu_devices(config) -> None:
+  """Before jax starts: let a CPU host stand in for the configured mesh in a dry run."""
+  count = _DRY_RUN_DEVICES.value
+  if not count:
+    fixed = [size for _, size in config.mesh if size != -1]
+    count = max(8, int(np.prod(fixed)) if fixed else 8)
+  flag = f"--xla_force_host_platform_device_count={count}"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
 def main(argv):
   del argv
-  from vljax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
+  if _DRY_RUN.value:
+    _fake_cpu_devices(config)
+    from vljax.train.dry_run import dry_run  # pylint: disable=import-outside-toplevel
+    dry_run(config)
+    return
+  from vljax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   workdir = _WORKDIR.value or os.path.join("workdirs", os.path.basename(
       flags.FLAGS["config"].config_filename)[:-3])
   train_and_evaluate(config, workdir)

@@ -19,14 +19,14 @@ def get_config():
   c.model = dict(
       name="two_tower",
       image=dict(variant="B/16", pool="map", act="gelu_tanh", scan=True, remat="dots_no_batch"),
-      text=dict(variant="B", causal=False, pool="last", mask_padding=False, act="gelu_tanh",
+      text=dict(vocab_size=32000, variant="B", causal=False, pool="last", mask_padding=False, act="gelu_tanh",
                 out_bias=True,
                 scan=True, remat="dots_no_batch"),
       embed_dim=768,
       loss="sigmoid",
       max_scale=None,
   )
-  c.data = dict(image_size=224, max_text_len=64)
+  c.data = dict(source="", tokenizer="", image_size=224, max_text_len=64)
   c.loss.impl = "chunked"
   c.loss.chunk_size = 4096
   c.optim.lr = 1e-3

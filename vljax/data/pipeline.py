@@ -48,6 +48,16 @@ def data_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**DATA_DEFAULTS, **dict(cfg)})
 
 
+def require_source(cfg: ml_collections.ConfigDict, config_name: str = "this config") -> None:
+  """Stops a run at once, naming the fields to set, when no data source is configured."""
+  if not cfg.source:
+    raise ValueError(
+        f"{config_name} has no data source: set config.data.source (e.g. "
+        "--config.data.source=shapes for the embedded shapes world, or a real image-text "
+        "source) and, for real sources, its shard / dataset fields and config.data.tokenizer "
+        "(a sentencepiece .model path).")
+
+
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
   return Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else shapes_tokenizer()
 

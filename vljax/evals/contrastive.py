@@ -2,7 +2,7 @@
 validation scenes, from an image embedder and a text embedder."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -12,21 +12,6 @@ from vljax.data.pipeline import make_source
 from vljax.data.tokenizer import Tokenizer
 from vljax.evals.retrieval import retrieval_metrics
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
-
-EVAL_DEFAULTS = dict(
-    zeroshot_images=960,  # single-object validation scenes, over all colour x shape classes
-    retrieval_pairs=1000,  # validation image-caption pairs
-    batch_size=200,
-)
-
-
-def eval_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  unknown = sorted(set(cfg) - set(EVAL_DEFAULTS))
-  if unknown:
-    raise ValueError(f"Unknown config key(s) {', '.join('config.evals.' + k for k in unknown)}; "
-                     f"valid keys: {', '.join(sorted(EVAL_DEFAULTS))}")
-  return ml_collections.ConfigDict({**EVAL_DEFAULTS, **dict(cfg)})
-
 
 def batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int) -> np.ndarray:
   """Applies `fn` to fixed-size batches (the last one padded) so it compiles once."""

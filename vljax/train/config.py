@@ -34,7 +34,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"  # or "bfloat16": activations and matmuls; parameters stay float32
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
-  c.dry_run = False
 
   c.model = ml_collections.ConfigDict()
   c.loss = ml_collections.ConfigDict(dict(impl="naive", chunk_size=0))

@@ -72,8 +72,11 @@ class Family:
 
   loss_fn: Callable[[LossContext, Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
   init_inputs: Callable[[ml_collections.ConfigDict], tuple]  # dummy model inputs for init
+  batch_spec: Callable[[ml_collections.ConfigDict, int], dict]  # shapes of a global batch
   embed_images: Callable | None = None  # (model, params, normalised images) -> [N, D]
   embed_texts: Callable | None = None  # (model, params, tokens) -> [N, D]
+  # (model, params, normalised images, *, max_new_tokens, bos_id, eos_id, pad_id) -> tokens [N, T]
+  generate: Callable | None = None
 
 
 def _image_text_inputs(data: ml_collections.ConfigDict) -> tuple:
@@ -81,9 +84,16 @@ def _image_text_inputs(data: ml_collections.ConfigDict) -> tuple:
           jnp.zeros((1, data.max_text_len), jnp.int32))
 
 
+def image_text_batch_spec(data: ml_collections.ConfigDict, batch_size: int) -> dict:
+  """Shapes of one global training batch of an image-text family."""
+  return {"image": jax.ShapeDtypeStruct((batch_size, data.image_size, data.image_size, 3), jnp.uint8),
+          "text": jax.ShapeDtypeStruct((batch_size, data.max_text_len), jnp.int32),
+          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+
 FAMILIES: dict[str, Family] = {
-    "two_tower": Family(two_tower_loss, _image_text_inputs, two_tower_embed_images,
-                        two_tower_embed_texts),
+    "two_tower": Family(two_tower_loss, _image_text_inputs, image_text_batch_spec,
+                        two_tower_embed_images, two_tower_embed_texts),
 }
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -19,9 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from vljax.data.pipeline import (build_tokenizer, data_config, global_batch, normalize_images,
+from vljax.data.pipeline import (build_tokenizer, data_config, global_batch, require_source,
                                  train_iterator)
-from vljax.evals.contrastive import ImageTextEvaluator, eval_config
 from vljax.evals.pictures import plot_curves, plot_samples
 from vljax.models import build_model
 from vljax.sharding import make_mesh, replicated
@@ -29,6 +27,7 @@ from vljax.train import optim
 from vljax.train.checkpoint import Checkpointer, load_params
 from vljax.train.config import validate
 from vljax.train.families import Family, LossContext, get_family
+from vljax.train.evaluation import Evaluation, eval_config
 from vljax.train.logging import MetricWriter, Progress, read_jsonl
 from vljax.train.state import TrainState, init_state, state_shardings
 
@@ -88,11 +87,6 @@ def _load_init_params(config, params, shardings):
     flat[key] = jax.device_put(np.asarray(loaded[key], flat[key].dtype), flat_shardings[key])
   log.info("Initialised %d parameters from %s", len(wanted), config.init.checkpoint)
   return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _put_global(x: np.ndarray, sharding) -> jax.Array:
-  """A host array present on every process -> a global array with `sharding`."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 @dataclasses.dataclass
@@ -170,6 +164,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the final
   evaluation, also written to `workdir/metrics.json`."""
+  require_source(data_config(config.data))
   exp = build_experiment(config)
   config, mesh, rules = exp.config, exp.mesh, exp.rules
   eval_cfg = eval_config(config.evals)
@@ -193,13 +188,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start = 0
       state = exp.init()
 
-    evaluator = ImageTextEvaluator(exp.data_cfg, eval_cfg, exp.tokenizer)
-    embed = _embedders(exp.family, exp.model, exp.data_cfg, mesh, rules)
+    evaluation = Evaluation(exp, eval_cfg)
 
     def evaluate(step: int) -> dict[str, float]:
       t0 = time.time()
-      metrics = evaluator.run(functools.partial(embed["images"], state.params),
-                              functools.partial(embed["texts"], state.params))
+      metrics = evaluation.run(state.params)
       writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
       return metrics
 
@@ -227,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.save(config.total_steps, state, data_it)
     final = evaluate(config.total_steps)
     if is_main:
-      images, lines = evaluator.sample_lines(functools.partial(embed["images"], state.params))
+      images, lines = evaluation.samples(state.params)
       plot_samples(images, lines, os.path.join(workdir, "samples.png"))
     checkpointer.close()
   writer.close()
@@ -237,24 +230,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump({k: float(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
     log.info("Final evaluation: %s", json.dumps(final, sort_keys=True))
   return final
-
-
-def _embedders(family: Family, model, data_cfg, mesh, rules):
-  """Jitted (params, host batch) -> host embeddings for the image and text sides."""
-  from vljax.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
-
-  def images(params, images_bhwc):
-    return family.embed_images(model, params, normalize_images(images_bhwc, data_cfg.image_mean,
-                                                               data_cfg.image_std))
-
-  def texts(params, tokens_bt):
-    return family.embed_texts(model, params, tokens_bt)
-
-  out = {}
-  for name, fn in (("images", images), ("texts", texts)):
-    jitted = jax.jit(fn, out_shardings=replicated(mesh))
-
-    def run(params, x, jitted=jitted):
-      return np.asarray(jitted(params, _put_global(np.asarray(x), batch_sharding(mesh, rules, np.ndim(x)))))
-    out[name] = run
-  return out

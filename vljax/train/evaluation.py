@@ -1,0 +1,89 @@
+"""Runs a family's evaluators during training: zero-shot + retrieval for families that embed
+images and texts, captioning for families that generate. Builds the jitted embedders and
+generator once; evaluation sets are rendered once."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vljax.data.pipeline import normalize_images
+from vljax.evals.captioning import CaptioningEvaluator
+from vljax.evals.contrastive import ImageTextEvaluator
+from vljax.sharding import batch_sharding, replicated
+
+EVAL_DEFAULTS = dict(
+    zeroshot_images=960,  # single-object validation scenes, over all colour x shape classes
+    retrieval_pairs=1000,  # validation image-caption pairs
+    captioning_images=200,  # validation scenes captioned by generative families
+    batch_size=200,
+    sample_images=8,  # images in samples.png
+)
+
+
+def eval_config(cfg) -> ml_collections.ConfigDict:
+  unknown = sorted(set(cfg) - set(EVAL_DEFAULTS))
+  if unknown:
+    raise ValueError(f"Unknown config key(s) {', '.join('config.evals.' + k for k in unknown)}; "
+                     f"valid keys: {', '.join(sorted(EVAL_DEFAULTS))}")
+  return ml_collections.ConfigDict({**EVAL_DEFAULTS, **dict(cfg)})
+
+
+def _put_global(x: np.ndarray, sharding) -> jax.Array:
+  """A host array present on every process -> a global array with `sharding`."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+class Evaluation:
+  """The evaluators of one experiment (see `vljax.train.loop.Experiment`)."""
+
+  def __init__(self, exp: Any, cfg: ml_collections.ConfigDict):
+    self.exp, self.cfg = exp, cfg
+    family, data = exp.family, exp.data_cfg
+    self.image_text = self.captioning = None
+    if family.embed_images is not None:
+      self.image_text = ImageTextEvaluator(data, cfg, exp.tokenizer)
+      self._embed_images = self._jit(lambda p, x: family.embed_images(exp.model, p, self._normalize(x)))
+      self._embed_texts = self._jit(lambda p, t: family.embed_texts(exp.model, p, t))
+    if family.generate is not None and cfg.captioning_images:
+      self.captioning = CaptioningEvaluator(data, cfg.captioning_images, cfg.batch_size, exp.tokenizer)
+      tok = exp.tokenizer
+      self._generate = self._jit(lambda p, x: family.generate(
+          exp.model, p, self._normalize(x), max_new_tokens=data.max_text_len - 1,
+          bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id))
+
+  def _normalize(self, images):
+    return normalize_images(images, self.exp.data_cfg.image_mean, self.exp.data_cfg.image_std)
+
+  def _jit(self, fn):
+    mesh, rules = self.exp.mesh, self.exp.rules
+    jitted = jax.jit(fn, out_shardings=replicated(mesh))
+
+    def run(params, x: np.ndarray) -> np.ndarray:
+      x = np.asarray(x)
+      return np.asarray(jitted(params, _put_global(x, batch_sharding(mesh, rules, x.ndim))))
+    return run
+
+  def run(self, params) -> dict[str, float]:
+    metrics = {}
+    if self.image_text is not None:
+      metrics.update(self.image_text.run(lambda x: self._embed_images(params, x),
+                                         lambda t: self._embed_texts(params, t)))
+    if self.captioning is not None:
+      metrics.update(self.captioning.run(lambda x: self._generate(params, x)))
+    return metrics
+
+  def samples(self, params) -> tuple[np.ndarray, list[list[str]]]:
+    """Images and their lines for samples.png (generated caption first when there is one)."""
+    count = self.cfg.sample_images
+    if self.image_text is not None:
+      images, lines = self.image_text.sample_lines(lambda x: self._embed_images(params, x), count)
+    else:
+      images, lines = self.captioning.images[:count], [[] for _ in range(count)]
+      lines = [[f"reference: {self.captioning.references[i][0]}"] for i in range(len(images))]
+    if self.captioning is not None:
+      generated = self.exp.tokenizer.decode(self._generate(params, images))
+      lines = [[f"generated: {g}"] + l for g, l in zip(generated, lines)]
+    return images, lines
