@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vljax.train.config import resolve_config_path  # pylint: disable=wrong-import-position
 
-DEFAULT_CONFIG = "clip_tiny.py"
+DEFAULT_CONFIG = "coca_tiny.py"
 
 
 def _resolve_config_flag(argv: list[str]) -> list[str]:

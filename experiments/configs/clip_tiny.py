@@ -20,7 +20,7 @@ def get_config():
       embed_dim=128,
       loss="softmax",
   )
-  c.data = dict(image_size=64, max_text_len=32)
+  c.data = dict(image_size=64, max_text_len=32, shape_siblings=True)
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4

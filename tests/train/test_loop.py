@@ -108,3 +108,27 @@ def test_init_checkpoint_with_missing_keys_is_named(tmp_path):
   config.init.checkpoint = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere"):
     build_experiment(config).init()
+
+
+def test_coca_family_trains_evaluates_and_draws(tmp_path):
+  """The CoCa family through the shared loop: both losses fall into the metrics, captioning is
+  scored, and samples.png carries generated captions."""
+  config = tiny_config(total_steps=4, log_every=2)
+  config.family = "coca"
+  config.model = dict(name="coca", image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+                      width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
+                      num_caption_queries=4)
+  config.data = dict(image_size=32, max_text_len=17, text_bos=True, shape_siblings=True)
+  config.evals = dict(zeroshot_images=48, retrieval_pairs=16, captioning_images=8, batch_size=8,
+                      sample_images=4)
+  workdir = str(tmp_path / "coca")
+  final = train_and_evaluate(config, workdir)
+  for key in ("zeroshot/top1", "retrieval/i2t/r@1", "captioning/cider", "captioning/bleu4"):
+    assert key in final
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if "train/loss" in r]
+  for key in ("train/cap_loss", "train/con_loss", "train/cap_accuracy"):
+    assert key in train[0]
+  assert train[0]["train/loss"] == pytest.approx(
+      train[0]["train/con_loss"] + 2 * train[0]["train/cap_loss"], rel=1e-5)
+  assert os.path.getsize(os.path.join(workdir, "samples.png")) > 10_000

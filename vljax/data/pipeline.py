@@ -31,6 +31,7 @@ DATA_DEFAULTS = dict(
     world_seed=0,
     min_objects=1,
     max_objects=3,
+    shape_siblings=False,  # pair every training scene with a shape-changed sibling (hard negative)
     num_train_examples=100_000,
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
@@ -84,9 +85,30 @@ class TokenizeCaption(grain.transforms.Map):
   eos: bool
 
   def map(self, example: dict) -> dict:
-    tokens = self.tokenizer.encode([example["caption"]], self.max_len, bos=self.bos, eos=self.eos)[0]
-    return {"image": example["image"], "text": tokens,
-            "label": np.int32(example.get("label", -1))}
+    captions = example["caption"]
+    paired = not isinstance(captions, str)  # a scene and its sibling (see AddSibling)
+    tokens = self.tokenizer.encode(list(captions) if paired else [captions], self.max_len,
+                                   bos=self.bos, eos=self.eos)
+    return {"image": example["image"], "text": tokens if paired else tokens[0],
+            "label": np.asarray(example.get("label", -1), np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AddSibling(grain.transforms.Map):
+  """Example -> the example and its shape-changed sibling, stacked on a new leading axis of 2."""
+
+  world: ShapesWorld
+
+  def map(self, example: dict) -> dict:
+    sibling = self.world.sibling(example["index"])
+    return {"image": np.stack([example["image"], sibling["image"]]),
+            "caption": [example["caption"], sibling["caption"]],
+            "label": np.array([example["label"], sibling["label"]])}
+
+
+def _merge_pairs(batch: dict) -> dict:
+  """[b/2, 2, ...] batches of (scene, sibling) pairs -> [b, ...], siblings adjacent."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int,
@@ -99,10 +121,18 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
   if global_batch_size % process_count:
     raise ValueError(f"batch_size {global_batch_size} is not divisible by {process_count} processes")
   source = make_source(cfg, "train")
+  local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(source).repeat().shuffle(seed=seed)
   ds = ds[process_index::process_count]
+  if cfg.shape_siblings:
+    if local_batch % 2:
+      raise ValueError(f"config.data.shape_siblings needs an even per-process batch, got {local_batch}")
+    ds = ds.map(AddSibling(source))
   ds = ds.map(TokenizeCaption(tokenizer, cfg.max_text_len, cfg.text_bos, cfg.text_eos))
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  if cfg.shape_siblings:
+    ds = ds.batch(local_batch // 2, drop_remainder=True).map(_merge_pairs)
+  else:
+    ds = ds.batch(local_batch, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if cfg.workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,

@@ -141,6 +141,25 @@ def sample_scene(rng: np.random.Generator, *, index: int, split: str, num_object
   return Scene(objects=tuple(objects), index=index, split=split)
 
 
+def change_one_shape(scene: Scene, rng: np.random.Generator,
+                     pairs: tuple[tuple[str, str], ...]) -> Scene:
+  """The same scene with one object's shape replaced by another allowed shape of its colour.
+
+  A counterfactual sibling: in one batch with its original it is a hard negative that only
+  shape tells apart (as NegCLIP's swapped captions, Yuksekgonul et al. 2023). Scenes whose
+  objects have no alternative shape are returned unchanged.
+  """
+  order = rng.permutation(len(scene.objects))
+  for i in order:
+    obj = scene.objects[i]
+    options = [shape for colour, shape in pairs if colour == obj.colour and shape != obj.shape]
+    if options:
+      new = dataclasses.replace(obj, shape=options[int(rng.integers(len(options)))])
+      objects = scene.objects[:i] + (new,) + scene.objects[i + 1:]
+      return dataclasses.replace(scene, objects=objects)
+  return scene
+
+
 def object_centre(obj: ShapeObject, image_size: int) -> tuple[float, float]:
   """The (x, y) centre of `obj` in pixels of an `image_size` image."""
   cell = image_size / GRID_SIZE
@@ -275,6 +294,22 @@ class ShapesWorld:
     from vljax.data import views
 
     scene = self.scene(index)
+    return {
+        "image": self.render(scene),
+        "caption": views.caption(scene, variant=scene.index),
+        "label": views.label(scene),
+        "index": scene.index,
+    }
+
+  def sibling(self, index: SupportsIndex) -> dict[str, Any]:
+    """Example `index` with one object's shape changed (see `change_one_shape`), captioned with
+    the same template; deterministic in (seed, split, index)."""
+    from vljax.data import views  # pylint: disable=import-outside-toplevel
+
+    scene = self.scene(index)
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [self.seed, split_seed_id(self.split), scene.index, 1]))
+    scene = change_one_shape(scene, rng, self._pairs)
     return {
         "image": self.render(scene),
         "caption": views.caption(scene, variant=scene.index),

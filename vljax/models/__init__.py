@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from vljax.models.coca import CoCa
 from vljax.models.text import TextTransformer
 from vljax.models.two_tower import TwoTower
 from vljax.models.vit import ViT
@@ -13,6 +14,7 @@ from vljax.models.vit import ViT
 # Explicit name -> constructor (no import-by-string). Later families add themselves here.
 MODELS: dict[str, type[nn.Module]] = {
     "two_tower": TwoTower,
+    "coca": CoCa,
     "vit": ViT,
     "text": TextTransformer,
 }
@@ -21,6 +23,7 @@ MODELS: dict[str, type[nn.Module]] = {
 SUBMODULE_FIELDS: dict[tuple[str, str], type[nn.Module]] = {
     ("two_tower", "image"): ViT,
     ("two_tower", "text"): TextTransformer,
+    ("coca", "image"): ViT,
 }
 
 

@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
 
   c.model = ml_collections.ConfigDict()
-  c.loss = ml_collections.ConfigDict(dict(impl="naive", chunk_size=0))
+  # impl: "naive" | "chunked" | "ring" (vljax.losses.contrastive); CoCa weighs its two losses.
+  c.loss = ml_collections.ConfigDict(dict(impl="naive", chunk_size=0, contrastive_weight=1.0,
+                                          caption_weight=2.0))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"

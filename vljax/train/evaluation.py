@@ -11,7 +11,7 @@ import numpy as np
 
 from vljax.data.pipeline import normalize_images
 from vljax.evals.captioning import CaptioningEvaluator
-from vljax.evals.contrastive import ImageTextEvaluator
+from vljax.evals.contrastive import ImageTextEvaluator, batched
 from vljax.sharding import batch_sharding, replicated
 
 EVAL_DEFAULTS = dict(
@@ -81,9 +81,10 @@ class Evaluation:
     if self.image_text is not None:
       images, lines = self.image_text.sample_lines(lambda x: self._embed_images(params, x), count)
     else:
-      images, lines = self.captioning.images[:count], [[] for _ in range(count)]
+      images = self.captioning.images[:count]
       lines = [[f"reference: {self.captioning.references[i][0]}"] for i in range(len(images))]
     if self.captioning is not None:
-      generated = self.exp.tokenizer.decode(self._generate(params, images))
+      tokens = batched(lambda x: self._generate(params, x), images, self.cfg.batch_size)
+      generated = self.exp.tokenizer.decode(tokens)
       lines = [[f"generated: {g}"] + l for g, l in zip(generated, lines)]
     return images, lines

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from vljax.data.pipeline import normalize_images
 from vljax.losses.contrastive import sigmoid_loss, softmax_loss
+from vljax.models import coca
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +29,10 @@ class LossContext:
   mesh: Mesh | None = None
 
 
-def contrastive_loss(ctx: LossContext, zimg, ztxt, aux) -> tuple[jax.Array, dict]:
-  """The two-tower contrastive loss chosen by the model (softmax / sigmoid) and config.loss."""
+def contrastive_kwargs(ctx: LossContext) -> dict:
+  """impl / chunk_size (and for the ring, the mesh and the batch's mesh axes) from config.loss."""
   impl = ctx.config.loss.impl
-  chunk = ctx.config.loss.chunk_size or None
-  kw = dict(impl=impl, chunk_size=chunk)
+  kw = dict(impl=impl, chunk_size=ctx.config.loss.chunk_size or None)
   if impl == "ring":
     if ctx.mesh is None:
       raise ValueError("config.loss.impl='ring' needs a mesh")
@@ -41,6 +41,12 @@ def contrastive_loss(ctx: LossContext, zimg, ztxt, aux) -> tuple[jax.Array, dict
     batch_axes = tuple(a for a in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,))
                        if a in ctx.mesh.axis_names and ctx.mesh.shape[a] > 1)
     kw.update(mesh=ctx.mesh, axis=batch_axes or ctx.mesh.axis_names[0])
+  return kw
+
+
+def contrastive_loss(ctx: LossContext, zimg, ztxt, aux) -> tuple[jax.Array, dict]:
+  """The two-tower contrastive loss chosen by the model (softmax / sigmoid) and config.loss."""
+  kw = contrastive_kwargs(ctx)
   if "b" in aux:
     loss, metrics = sigmoid_loss(zimg, ztxt, aux["t"], aux["b"], **kw)
     metrics = {**metrics, "b": aux["b"]}
@@ -66,6 +72,29 @@ def two_tower_embed_texts(model: nn.Module, params, tokens_bt: jax.Array) -> jax
   return ztxt
 
 
+def coca_family_loss(ctx: LossContext, params, batch: Mapping[str, jax.Array], rng: jax.Array):
+  images = normalize_images(batch["image"], ctx.data.image_mean, ctx.data.image_std)
+  return coca.coca_loss(ctx.model, params, images, batch["text"], rng,
+                        contrastive_weight=ctx.config.loss.contrastive_weight,
+                        caption_weight=ctx.config.loss.caption_weight,
+                        contrastive_kwargs=contrastive_kwargs(ctx))
+
+
+def coca_embed_images(model: nn.Module, params, images_bhwc: jax.Array) -> jax.Array:
+  (zimg, _, _), _ = model.apply({"params": params}, images_bhwc, None)
+  return zimg
+
+
+def coca_embed_texts(model: nn.Module, params, tokens_bt: jax.Array) -> jax.Array:
+  # Training embeds the decoder inputs text[:, :-1] ([BOS w.. EOS pad..] shifted), so do we.
+  (_, ztxt, _), _ = model.apply({"params": params}, None, tokens_bt[:, :-1])
+  return ztxt
+
+
+def coca_generate(model: nn.Module, params, images_bhwc: jax.Array, **kw) -> jax.Array:
+  return coca.generate(model, params, images_bhwc, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """A family's contribution to the loop."""
@@ -77,6 +106,8 @@ class Family:
   embed_texts: Callable | None = None  # (model, params, tokens) -> [N, D]
   # (model, params, normalised images, *, max_new_tokens, bos_id, eos_id, pad_id) -> tokens [N, T]
   generate: Callable | None = None
+  # (model config dict, tokenizer, data config) -> model config with vocabulary fields filled
+  fill_model: Callable[[dict, Any, ml_collections.ConfigDict], dict] = lambda cfg, tok, data: cfg
 
 
 def _image_text_inputs(data: ml_collections.ConfigDict) -> tuple:
@@ -91,9 +122,33 @@ def image_text_batch_spec(data: ml_collections.ConfigDict, batch_size: int) -> d
           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
 
+def _fill_two_tower(cfg: dict, tokenizer, data: ml_collections.ConfigDict) -> dict:
+  text = dict(cfg.get("text", {}))
+  text.setdefault("vocab_size", tokenizer.vocab_size)
+  text.setdefault("max_len", data.max_text_len)
+  text.setdefault("pad_id", tokenizer.pad_id)
+  return {**cfg, "text": text}
+
+
+def _fill_coca(cfg: dict, tokenizer, data: ml_collections.ConfigDict) -> dict:
+  cfg = dict(cfg)
+  cfg.setdefault("vocab_size", tokenizer.vocab_size)
+  cfg.setdefault("max_len", data.max_text_len - 1)  # decoder inputs are text[:, :-1]
+  cfg.setdefault("pad_id", tokenizer.pad_id)
+  return cfg
+
+
+def _coca_inputs(data: ml_collections.ConfigDict) -> tuple:
+  return (jnp.zeros((1, data.image_size, data.image_size, 3), jnp.float32),
+          jnp.zeros((1, data.max_text_len - 1), jnp.int32))
+
+
 FAMILIES: dict[str, Family] = {
     "two_tower": Family(two_tower_loss, _image_text_inputs, image_text_batch_spec,
-                        two_tower_embed_images, two_tower_embed_texts),
+                        two_tower_embed_images, two_tower_embed_texts,
+                        fill_model=_fill_two_tower),
+    "coca": Family(coca_family_loss, _coca_inputs, image_text_batch_spec, coca_embed_images,
+                   coca_embed_texts, coca_generate, fill_model=_fill_coca),
 }
 
 

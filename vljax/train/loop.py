@@ -34,15 +34,9 @@ from vljax.train.state import TrainState, init_state, state_shardings
 log = logging.getLogger("vljax")
 
 
-def _model_config(config: ml_collections.ConfigDict, tokenizer, data_cfg) -> dict:
-  """config.model with the text vocabulary and length filled from the tokenizer and data."""
-  model_cfg = config.model.to_dict()
-  if "text" in model_cfg:
-    text = dict(model_cfg["text"])
-    text.setdefault("vocab_size", tokenizer.vocab_size)
-    text.setdefault("max_len", data_cfg.max_text_len)
-    text.setdefault("pad_id", tokenizer.pad_id)
-    model_cfg["text"] = text
+def _model_config(config: ml_collections.ConfigDict, family: Family, tokenizer, data_cfg) -> dict:
+  """config.model with vocabulary fields filled from the tokenizer and the compute dtype."""
+  model_cfg = family.fill_model(config.model.to_dict(), tokenizer, data_cfg)
   model_cfg["dtype"] = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
   return model_cfg
 
@@ -143,7 +137,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
   data_cfg = data_config(config.data)
   family = get_family(config.family)
   tokenizer = tokenizer or build_tokenizer(data_cfg)
-  model = build_model(_model_config(config, tokenizer, data_cfg))
+  model = build_model(_model_config(config, family, tokenizer, data_cfg))
   mesh = make_mesh(config.mesh, devices)
   rules = [tuple(r) for r in config.sharding_rules]
 

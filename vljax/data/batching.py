@@ -1,0 +1,153 @@
+"""Batching that skips bad records, and the guard that stops a run fed mostly bad records.
+
+Sources such as `vljax.data.webdataset.WebDatasetSource` return `{"error": reason, "key": key}`
+for a record they cannot use. `SkipBadAndBatch` drops those and still emits batches of exactly
+`batch_size` good examples, reporting per batch how many records it dropped and which.
+`BadRecordCounter` accumulates those reports and raises once too large a fraction is bad, which
+usually means broken shards or a wrong caption key rather than a few corrupt downloads.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+SKIPPED = "skipped"  # int64 scalar: bad records dropped while building this batch
+SKIPPED_KEYS = "skipped_keys"  # list[str]: the first of their keys
+
+
+def _is_string(value: Any) -> bool:
+  return isinstance(value, (str, bytes))
+
+
+def stack_examples(examples: Sequence[Mapping[str, Any]], keep_strings: bool) -> dict[str, Any]:
+  """Stacks each field into an array [b, ...]; string fields become lists or are dropped."""
+  batch = {}
+  for name, first in examples[0].items():
+    if _is_string(first):
+      if keep_strings:
+        batch[name] = [e[name] for e in examples]
+    else:
+      batch[name] = np.stack([np.asarray(e[name]) for e in examples])
+  return batch
+
+
+class _SkipBadAndBatchIterator(grain.DatasetIterator):
+  """Pulls from the parent until `batch_size` good examples are in hand."""
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
+               keep_strings: bool, max_keys: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._drop_remainder = drop_remainder
+    self._keep_strings = keep_strings
+    self._max_keys = max_keys
+
+  def __next__(self) -> dict[str, Any]:
+    good, skipped, keys = [], 0, []
+    while len(good) < self._batch_size:
+      try:
+        example = next(self._parent)
+      except StopIteration:
+        if self._drop_remainder or not good:
+          raise
+        break
+      if "error" in example:
+        skipped += 1
+        if len(keys) < self._max_keys:
+          keys.append(str(example.get("key", "?")))
+      else:
+        good.append(example)
+    batch = stack_examples(good, self._keep_strings)
+    batch[SKIPPED] = np.int64(skipped)
+    batch[SKIPPED_KEYS] = keys
+    return batch
+
+  # A batch is complete when `__next__` returns, so nothing is buffered between calls and the
+  # parent's position is the whole state: restoring it replays exactly the same batches.
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+  def __str__(self) -> str:
+    return f"SkipBadAndBatchDatasetIterator(batch_size={self._batch_size})"
+
+
+class SkipBadAndBatch(grain.IterDataset):
+  """Batches of exactly `batch_size` good examples of `parent`, skipping examples with "error".
+
+  Each batch holds the stacked array fields ([batch_size, ...]); string fields (captions, keys)
+  are dropped, or kept as lists with `keep_strings=True`. It also holds `SKIPPED` (records
+  dropped while filling it) and `SKIPPED_KEYS` (up to `max_keys` of their keys): bookkeeping to
+  remove, e.g. with `BadRecordCounter.observe`, before the batch goes to devices. When a finite
+  parent ends, a partial batch is dropped (`drop_remainder=True`) or emitted; bad records after
+  the last good example are then not reported.
+  """
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, *, drop_remainder: bool = True,
+               keep_strings: bool = False, max_keys: int = 5):
+    super().__init__(parent)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive, got {batch_size}")
+    self._batch_size = batch_size
+    self._drop_remainder = drop_remainder
+    self._keep_strings = keep_strings
+    self._max_keys = max_keys
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return _SkipBadAndBatchIterator(self._parent.__iter__(), self._batch_size,
+                                    self._drop_remainder, self._keep_strings, self._max_keys)
+
+  def __str__(self) -> str:
+    return f"SkipBadAndBatch(batch_size={self._batch_size}, drop_remainder={self._drop_remainder})"
+
+
+class TooManyBadRecordsError(RuntimeError):
+  """The fraction of bad input records passed `max_bad_fraction`."""
+
+
+class BadRecordCounter:
+  """Counts good and bad records over a run and raises when too many are bad.
+
+  The check waits for `min_records` records so that one corrupt record early in the run does not
+  stop it. Counts live in this process only; after a resume they start again from zero.
+  """
+
+  def __init__(self, max_bad_fraction: float = 0.05, min_records: int = 1000, max_keys: int = 5):
+    if not 0.0 <= max_bad_fraction <= 1.0:
+      raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    self.max_bad_fraction = max_bad_fraction
+    self.min_records = min_records
+    self.max_keys = max_keys
+    self.total = 0
+    self.bad = 0
+    self.first_bad_keys: list[str] = []
+
+  @property
+  def fraction(self) -> float:
+    return self.bad / self.total if self.total else 0.0
+
+  def update(self, skipped: int, total: int, keys: Sequence[str] = ()) -> None:
+    """Adds `skipped` bad out of `total` records read; raises TooManyBadRecordsError if needed."""
+    if not 0 <= skipped <= total:
+      raise ValueError(f"Need 0 <= skipped <= total, got skipped={skipped}, total={total}")
+    self.total += int(total)
+    self.bad += int(skipped)
+    room = self.max_keys - len(self.first_bad_keys)
+    self.first_bad_keys.extend(str(k) for k in list(keys)[:max(room, 0)])
+    if self.total >= self.min_records and self.fraction > self.max_bad_fraction:
+      raise TooManyBadRecordsError(
+          f"{self.bad} of {self.total} input records ({self.fraction:.2%}) were bad, more than "
+          f"max_bad_fraction={self.max_bad_fraction:.2%}; first bad keys: "
+          f"{', '.join(self.first_bad_keys) or '(none recorded)'}")
+
+  def observe(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts a `SkipBadAndBatch` batch and returns it without the bookkeeping fields."""
+    arrays = {k: v for k, v in batch.items() if k not in (SKIPPED, SKIPPED_KEYS)}
+    good = next((len(v) for v in arrays.values()), 0)
+    skipped = int(batch[SKIPPED])
+    self.update(skipped, good + skipped, batch.get(SKIPPED_KEYS, ()))
+    return arrays

@@ -1,0 +1,323 @@
+"""CoCa: Contrastive Captioners (Yu et al. 2022), layer for layer after the paper's pseudocode,
+open_clip's CoCa and the authors' praxis layers.
+
+An image ViT gives patch tokens; two task-specific attentional poolers (learned queries ->
+one multi-head attention -> LayerNorm) turn them into one contrastive image embedding and
+`num_caption_queries` captioning features of the decoder width. The text decoder is cut in two:
+
+  unimodal: causal self-attention layers over [w_0 .. w_{T-1}, CLS] (token + learned position
+      embeddings); the LayerNorm'd CLS output is the contrastive text embedding;
+  multimodal: layers of causal self-attention, cross-attention to the captioning features and
+      an MLP over the (un-normalised) unimodal outputs of the text tokens, then LayerNorm and a
+      projection to the vocabulary (a separate matrix as in open_clip, or the tied embedding).
+
+Right padding and the CLS: the CLS is appended after the whole padded row and always takes
+position-embedding row `max_len` (open_clip's layout for a full-length row), so its embedding
+does not depend on how much padding there is. Text queries use a plain causal mask: they never
+see the CLS (it comes last) and, the padding being on the right, never see a pad either. The
+CLS query sees every non-pad token and itself. Since no text position depends on the CLS,
+generation (`decode_step`, KV cache) runs both decoders without it and gives the same logits as
+the full forward.
+
+`__call__(images, tokens)` returns `((zimg, ztxt, logits_btv), aux)`: L2-normalised [B, D]
+embeddings (None for a missing input) and the captioning logits (None unless both are given).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vljax import decode
+from vljax.losses.captioning import captioning_loss, shift_for_captioning
+from vljax.losses.contrastive import softmax_loss
+from vljax.models.two_tower import l2_normalize
+from vljax.models.vit import ViT
+from vljax.nn import (Dense, LayerNorm, LearnedPosEmbed, MultiHeadAttention, TokenEmbed,
+                      Transformer, causal_mask, constrain, padding_mask, partitioned)
+
+# Decoder sizes and the image ViT variant per preset. The paper's three (Table 1) see 288px images
+# in 18px patches (256 tokens) and use a 64,000-token vocabulary; the decoder width equals the
+# image width. "mu" and "nano" are tiny presets for tests and CPU demos (vocab_size from the
+# tokenizer).
+COCA_VARIANTS: dict[str, dict[str, Any]] = {
+    "mu": dict(image="mu/8", width=32, num_heads=2, mlp_dim=64, unimodal_depth=1,
+               multimodal_depth=1, num_caption_queries=4),
+    "nano": dict(image="nano/8", width=128, num_heads=4, mlp_dim=512, unimodal_depth=2,
+                 multimodal_depth=2, num_caption_queries=16),
+    "base": dict(image="B/18", width=768, num_heads=12, mlp_dim=3072, unimodal_depth=12,
+                 multimodal_depth=12, num_caption_queries=256, vocab_size=64_000),
+    "large": dict(image="L/18", width=1024, num_heads=16, mlp_dim=4096, unimodal_depth=12,
+                  multimodal_depth=12, num_caption_queries=256, vocab_size=64_000),
+    "giant": dict(image="g/18", width=1408, num_heads=16, mlp_dim=5632, unimodal_depth=18,
+                  multimodal_depth=18, num_caption_queries=256, vocab_size=64_000),
+}
+PAPER_IMAGE_SIZE = 288
+
+_SIZE_FIELDS = ("vocab_size", "width", "num_heads", "mlp_dim", "unimodal_depth",
+                "multimodal_depth", "num_caption_queries")
+
+
+class AttentionalPooler(nn.Module):
+  """`num_queries` learned queries of width `width` attend to tokens of any width in one
+  multi-head attention layer, then LayerNorm (the paper's pooler; praxis's query_dims)."""
+
+  width: int
+  num_queries: int
+  num_heads: int
+  norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens_bnd: jax.Array) -> jax.Array:
+    probe = self.param("probe", partitioned(nn.initializers.normal(self.width ** -0.5),
+                                            (None, None, "embed")),
+                       (1, self.num_queries, self.width), jnp.float32)
+    probe_bqd = jnp.broadcast_to(probe, (tokens_bnd.shape[0],) + probe.shape[1:]).astype(self.dtype)
+    attention = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
+    pooled_bqd = attention(probe_bqd, tokens_bnd)
+    return LayerNorm(self.norm_eps, dtype=self.dtype, name="norm")(pooled_bqd)
+
+
+class CoCa(nn.Module):
+  """Image ViT + attentional poolers + unimodal / multimodal text decoders + temperature."""
+
+  variant: str | None = None  # a COCA_VARIANTS key; fills the size fields (and image) left None
+  image: Mapping[str, Any] | None = None  # ViT fields, over the variant's (pool is "none")
+  vocab_size: int | None = None
+  width: int | None = None  # decoder width = pooler output width
+  num_heads: int | None = None
+  mlp_dim: int | None = None
+  unimodal_depth: int | None = None
+  multimodal_depth: int | None = None
+  num_caption_queries: int | None = None  # paper: 256
+  pool_heads: int | None = None  # heads of both poolers (default num_heads; open_clip: 8)
+  max_len: int = 64  # longest text input; the CLS takes position row max_len
+  embed_dim: int | None = None  # None: contrast the pooled / CLS features directly (paper);
+  # else bias-free linear projections of both to embed_dim (open_clip)
+  tied_output: bool = False  # False: separate vocabulary projection (open_clip, praxis)
+  pad_id: int = 0
+  temperature_init: float = math.log(1 / 0.07)  # t' with logit scale exp(t')
+  max_scale: float | None = 100.0  # CLIP's clamp of exp(t')
+  act: str = "gelu"
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  scan: bool = False
+  remat: str = "none"
+  decode: bool = False  # KV-cached decoders for `decode_step` (see decode_step_fn)
+  dtype: Any = jnp.float32
+
+  def sizes(self) -> dict[str, Any]:
+    """The size fields, from the variant where not given explicitly."""
+    if self.variant is not None and self.variant not in COCA_VARIANTS:
+      raise ValueError(f"Unknown CoCa variant {self.variant!r}; "
+                       f"choose one of {sorted(COCA_VARIANTS)}")
+    sizes = dict(COCA_VARIANTS.get(self.variant, {}))
+    for key in _SIZE_FIELDS:
+      if getattr(self, key) is not None:
+        sizes[key] = getattr(self, key)
+      if key not in sizes:
+        raise ValueError(f"CoCa needs {key!r}: give variant= or {key}=")
+    return sizes
+
+  def setup(self):
+    s = self.sizes()
+    width = s["width"]
+    image = dict(pool="none", act=self.act, norm_eps=self.norm_eps, scan=self.scan,
+                 remat=self.remat, dtype=self.dtype)
+    if "image" in s:
+      image["variant"] = s["image"]
+    image.update(self.image or {})
+    self.img = ViT(**image, name="img")
+    pool_kw = dict(num_heads=self.pool_heads or s["num_heads"], norm_eps=self.norm_eps,
+                   dtype=self.dtype)
+    self.contrastive_pool = AttentionalPooler(width, 1, **pool_kw)
+    self.caption_pool = AttentionalPooler(width, s["num_caption_queries"], **pool_kw)
+    self.token_embedding = TokenEmbed(s["vocab_size"], width, dtype=self.dtype)
+    self.pos_embedding = LearnedPosEmbed(self.max_len + 1, init_std=0.01)
+    self.cls = self.param("cls", partitioned(nn.initializers.normal(0.01), (None, None, "embed")),
+                          (1, 1, width), jnp.float32)
+    stack_kw = dict(num_heads=s["num_heads"], mlp_dim=s["mlp_dim"], act=self.act,
+                    dropout=self.dropout, norm_eps=self.norm_eps, scan=self.scan,
+                    remat=self.remat, decode=self.decode, dtype=self.dtype)
+    self.unimodal = Transformer(s["unimodal_depth"], final_norm=False, **stack_kw)
+    self.cls_norm = LayerNorm(self.norm_eps, dtype=self.dtype)
+    self.multimodal = Transformer(s["multimodal_depth"], cross_attention=True, **stack_kw)
+    if not self.tied_output:
+      self.head = Dense(s["vocab_size"], "embed", "vocab", use_bias=False,
+                        kernel_init=nn.initializers.normal(width ** -0.5), dtype=self.dtype)
+    if self.embed_dim is not None:
+      self.img_proj = Dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype)
+      self.txt_proj = Dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype)
+    self.t_prime = self.param(
+        "t", partitioned(nn.initializers.constant(self.temperature_init), ()), ())
+
+  def encode_image(self, images_bhwc: jax.Array, train: bool = False):
+    """-> (contrastive features [B, W], captioning features [B, N, W], ViT tokens [B, P, W_img])."""
+    tokens_bpd, _ = self.img(images_bhwc, train=train)
+    pooled_bd = self.contrastive_pool(tokens_bpd)[:, 0]
+    caption_bnd = constrain(self.caption_pool(tokens_bpd), ("batch", None, "act_embed"))
+    return pooled_bd, caption_bnd, tokens_bpd
+
+  def encode_text(self, tokens_bt: jax.Array, train: bool = False):
+    """Unimodal decoder over [tokens, CLS] -> (LayerNorm'd CLS [B, W], text outputs [B, T, W])."""
+    batch, length = tokens_bt.shape
+    if length > self.max_len:
+      raise ValueError(f"text length {length} exceeds max_len {self.max_len}")
+    tokens_bt = constrain(tokens_bt, ("batch", "seq"))
+    x_btd = self.pos_embedding(self.token_embedding(tokens_bt))
+    cls_b1d = jnp.broadcast_to(self.cls, (batch, 1, self.cls.shape[-1])).astype(x_btd.dtype)
+    cls_b1d = self.pos_embedding(cls_b1d, offset=self.max_len)
+    x_btd = jnp.concatenate([x_btd, cls_b1d], axis=1)
+    valid_bk = jnp.concatenate([tokens_bt != self.pad_id, jnp.ones((batch, 1), bool)], axis=1)
+    # Every row is causal; only the CLS row (the last) also drops the pad keys.
+    is_cls_row_q1 = (jnp.arange(length + 1) == length)[:, None]
+    mask = causal_mask(length + 1) & (padding_mask(valid_bk) | ~is_cls_row_q1)
+    x_btd = self.unimodal(x_btd, mask, deterministic=not train)
+    return self.cls_norm(x_btd[:, -1]), x_btd[:, :-1]
+
+  def caption_logits(self, text_btd: jax.Array, caption_bnd: jax.Array,
+                     mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """Multimodal decoder (final LayerNorm included) and the vocabulary projection."""
+    x_btd = self.multimodal(text_btd, mask, caption_bnd, None, deterministic=not train)
+    if self.tied_output:
+      return self.token_embedding.attend(x_btd)
+    return self.head(x_btd)
+
+  def decode_step(self, tokens_bt: jax.Array, caption_bnd: jax.Array,
+                  position: jax.Array | int) -> jax.Array:
+    """With decode=True: feeds tokens at `position`.. through both decoders (no CLS), updating
+    the KV caches, and returns their next-token logits [B, T, V]."""
+    x_btd = self.pos_embedding(self.token_embedding(tokens_bt), offset=position)
+    return self.caption_logits(self.unimodal(x_btd), caption_bnd)
+
+  def _embed(self, features_bd: jax.Array, proj: str) -> jax.Array:
+    if self.embed_dim is not None:
+      features_bd = getattr(self, proj)(features_bd)
+    return l2_normalize(features_bd.astype(jnp.float32))
+
+  def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None,
+               train: bool = False):
+    if self.decode:
+      raise ValueError("a decode=True CoCa only runs decode_step; see decode_step_fn")
+    aux: dict[str, jax.Array] = {}
+    zimg = ztxt = logits_btv = None
+    if images_bhwc is not None:
+      pooled_bd, caption_bnd, image_tokens = self.encode_image(images_bhwc, train)
+      aux.update({"img/tokens": image_tokens, "img/pre_logits": pooled_bd,
+                  "img/caption_features": caption_bnd})
+      zimg = self._embed(pooled_bd, "img_proj")
+    if tokens_bt is not None:
+      cls_bd, text_btd = self.encode_text(tokens_bt, train)
+      aux.update({"txt/tokens": text_btd, "txt/pre_logits": cls_bd})
+      ztxt = self._embed(cls_bd, "txt_proj")
+    if images_bhwc is not None and tokens_bt is not None:
+      logits_btv = self.caption_logits(text_btd, caption_bnd, causal_mask(tokens_bt.shape[1]),
+                                       train)
+    scale = jnp.exp(self.t_prime)
+    if self.max_scale is not None:
+      scale = jnp.minimum(scale, self.max_scale)
+    aux["t"] = scale
+    return (zimg, ztxt, logits_btv), aux
+
+
+def coca_loss(model: CoCa, params, images_bhwc: jax.Array, text_bt: jax.Array, rng: jax.Array, *,
+              contrastive_weight: float = 1.0, caption_weight: float = 2.0,
+              contrastive_kwargs: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict]:
+  """L = contrastive_weight * L_con + caption_weight * L_cap (paper: 1 and 2); (loss, metrics).
+
+  `text_bt` is [BOS w.. EOS pad..]: the model reads text[:, :-1] (the contrastive text embedding
+  too, as open_clip) and is scored on text[:, 1:]. `contrastive_kwargs` go to `softmax_loss`
+  (impl, chunk_size, mesh, axis).
+  """
+  inputs_bt, targets_bt, mask_bt = shift_for_captioning(text_bt, model.pad_id)
+  (zimg, ztxt, logits_btv), aux = model.apply({"params": params}, images_bhwc, inputs_bt,
+                                              train=True, rngs={"dropout": rng})
+  con_loss, con_metrics = softmax_loss(zimg, ztxt, aux["t"], **(contrastive_kwargs or {}))
+  cap_loss, cap_metrics = captioning_loss(logits_btv, targets_bt, mask_bt)
+  loss = contrastive_weight * con_loss + caption_weight * cap_loss
+  return loss, {**con_metrics, **cap_metrics, "con_loss": con_loss, "loss": loss, "t": aux["t"]}
+
+
+def _map_attention_caches(fn: Callable[[dict], dict], cache: Mapping) -> dict:
+  """Applies `fn` to every {cached_key, cached_value, cache_index} dict of a flax cache."""
+  if "cached_key" in cache:
+    return fn(cache)
+  return {name: _map_attention_caches(fn, sub) for name, sub in cache.items()}
+
+
+def _batch_major(cache: Mapping, scanned: bool) -> dict:
+  """vljax.decode wants batch-first leaves: a scanned stack's [depth, B, ...] keys and values
+  move the batch first, and its [depth] cache indices (all equal) become one scalar."""
+  if not scanned:
+    return dict(cache)
+  return _map_attention_caches(lambda c: {
+      "cached_key": jnp.moveaxis(c["cached_key"], 0, 1),
+      "cached_value": jnp.moveaxis(c["cached_value"], 0, 1),
+      "cache_index": c["cache_index"][0]}, cache)
+
+
+def _layer_major(cache: Mapping, scanned: bool) -> dict:
+  """Inverse of `_batch_major`."""
+  if not scanned:
+    return dict(cache)
+  return _map_attention_caches(lambda c: {
+      "cached_key": jnp.moveaxis(c["cached_key"], 1, 0),
+      "cached_value": jnp.moveaxis(c["cached_value"], 1, 0),
+      "cache_index": jnp.broadcast_to(c["cache_index"], c["cached_key"].shape[1:2])}, cache)
+
+
+def init_decode(model: CoCa, params, images_bhwc: jax.Array, max_len: int) -> dict:
+  """The `vljax.decode` cache for captioning `images`: their captioning features [B, N, W] and
+  empty KV caches of both decoders holding `max_len` positions, every leaf batch-first."""
+  if max_len > model.max_len:
+    raise ValueError(f"cache length {max_len} exceeds the model's max_len {model.max_len}")
+  caption_bnd = model.apply({"params": params}, images_bhwc,
+                            method=lambda module, images: module.encode_image(images)[1])
+  decoder = model.clone(decode=True)
+
+  def declare(params, caption_bnd):
+    tokens_bt = jnp.zeros((caption_bnd.shape[0], max_len), jnp.int32)
+    _, variables = decoder.apply({"params": params}, tokens_bt, caption_bnd, 0,
+                                 method=CoCa.decode_step, mutable=["cache"])
+    return variables["cache"]
+
+  # A cache starts as zeros with index 0, so only its shapes are needed.
+  shapes = jax.eval_shape(declare, params, caption_bnd)
+  kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return {"kv": _batch_major(kv, model.scan), "caption_features": caption_bnd}
+
+
+def decode_step_fn(model: CoCa, params) -> decode.StepFn:
+  """`step_fn(tokens_b, cache, position) -> (logits_bv, cache)` for vljax.decode, from a cache
+  made by `init_decode`."""
+  decoder = model.clone(decode=True)
+
+  def step_fn(tokens_b, cache, position):
+    variables = {"params": params, "cache": _layer_major(cache["kv"], model.scan)}
+    logits_b1v, mutated = decoder.apply(variables, tokens_b[:, None], cache["caption_features"],
+                                        position, method=CoCa.decode_step, mutable=["cache"])
+    new_cache = {"kv": _batch_major(mutated["cache"], model.scan),
+                 "caption_features": cache["caption_features"]}
+    return logits_b1v[:, 0], new_cache
+
+  return step_fn
+
+
+def generate(model: CoCa, params, images_bhwc: jax.Array, *, max_new_tokens: int, bos_id: int,
+             eos_id: int, pad_id: int | None = None, beam_size: int = 1,
+             length_penalty: float = 0.0) -> jax.Array:
+  """Captions int32 [B, max_new_tokens] for normalised images, from a BOS prompt: greedy
+  (beam_size 1) or the best beam; pad_id after EOS."""
+  pad_id = model.pad_id if pad_id is None else pad_id
+  cache = init_decode(model, params, images_bhwc, decode.cache_length(1, max_new_tokens))
+  prompt_b1 = jnp.full((images_bhwc.shape[0], 1), bos_id, jnp.int32)
+  step_fn = decode_step_fn(model, params)
+  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  if beam_size == 1:
+    return decode.greedy(step_fn, cache, prompt_b1, **kw).tokens_bn
+  return decode.beam_search(step_fn, cache, prompt_b1, beam_size=beam_size,
+                            length_penalty=length_penalty, **kw).best().tokens_bn
