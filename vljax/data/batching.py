@@ -116,6 +116,8 @@ class BadRecordCounter:
   stop it. Counts live in this process only; after a resume they start again from zero.
   """
 
+  MAX_DISTINCT = 100_000  # distinct bad keys remembered (a bound on memory)
+
   def __init__(self, max_bad_fraction: float = 0.05, min_records: int = 1000, max_keys: int = 5):
     if not 0.0 <= max_bad_fraction <= 1.0:
       raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
@@ -125,6 +127,7 @@ class BadRecordCounter:
     self.total = 0
     self.bad = 0
     self.first_bad_keys: list[str] = []
+    self.distinct_bad_keys: set[str] = set()  # a record met again in a later epoch counts once
 
   @property
   def fraction(self) -> float:
@@ -138,6 +141,9 @@ class BadRecordCounter:
     self.bad += int(skipped)
     room = self.max_keys - len(self.first_bad_keys)
     self.first_bad_keys.extend(str(k) for k in list(keys)[:max(room, 0)])
+    for key in keys:
+      if len(self.distinct_bad_keys) < self.MAX_DISTINCT:
+        self.distinct_bad_keys.add(str(key))
     if self.total >= self.min_records and self.fraction > self.max_bad_fraction:
       raise TooManyBadRecordsError(
           f"{self.bad} of {self.total} input records ({self.fraction:.2%}) were bad, more than "

@@ -17,12 +17,19 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from vljax.data.batching import SKIPPED, SKIPPED_KEYS, BadRecordCounter, SkipBadAndBatch
 from vljax.data.shapes import ShapesWorld
+from vljax.data.webdataset import WebDatasetSource
 from vljax.data.tokenizer import Tokenizer, shapes_tokenizer
 from vljax.sharding import batch_sharding
 
 DATA_DEFAULTS = dict(
-    source="shapes",  # "shapes" (embedded); later: "webdataset", "tfds"
+    source="shapes",  # "shapes" (the embedded world) | "webdataset" (tar shards, see `shards`)
+    shards="",  # webdataset: brace pattern(s) of tar shards, e.g. "data/{00000..00127}.tar"
+    caption_keys=("txt", "json"),  # webdataset: members holding the caption, first found wins
+    json_caption_field="caption",
+    max_bad_fraction=0.05,  # stop when more of the records read so far are undecodable / empty
+    min_records_before_check=1000,  # ... but only after this many records
     image_size=64,
     max_text_len=32,
     text_bos=False,  # prepend BOS (BERT-style CLS pooling needs it)
@@ -64,9 +71,15 @@ def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
-  """The random-access source of a split."""
-  if cfg.source != "shapes":
-    raise ValueError(f"config.data.source={cfg.source!r} is not available; choose 'shapes'")
+  """The random-access source of a split (validation sets come from the shapes world)."""
+  if cfg.source == "webdataset" and split == "train":
+    if not cfg.shards:
+      raise ValueError("config.data.source='webdataset' needs config.data.shards (a brace pattern)")
+    return WebDatasetSource(cfg.shards, image_size=cfg.image_size, caption_keys=cfg.caption_keys,
+                            json_caption_field=cfg.json_caption_field)
+  if cfg.source not in ("shapes", "webdataset"):
+    raise ValueError(f"config.data.source={cfg.source!r} is not available; choose 'shapes' or "
+                     "'webdataset'")
   kw = dict(split=split, seed=cfg.world_seed, image_size=cfg.image_size,
             min_objects=cfg.min_objects, max_objects=cfg.max_objects)
   if split == "train":
@@ -85,6 +98,8 @@ class TokenizeCaption(grain.transforms.Map):
   eos: bool
 
   def map(self, example: dict) -> dict:
+    if "error" in example:  # a bad record: passed on for SkipBadAndBatch to drop and count
+      return example
     captions = example["caption"]
     paired = not isinstance(captions, str)  # a scene and its sibling (see AddSibling)
     tokens = self.tokenizer.encode(list(captions) if paired else [captions], self.max_len,
@@ -108,7 +123,8 @@ class AddSibling(grain.transforms.Map):
 
 def _merge_pairs(batch: dict) -> dict:
   """[b/2, 2, ...] batches of (scene, sibling) pairs -> [b, ...], siblings adjacent."""
-  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+  return {k: v.reshape((-1,) + v.shape[2:]) if k not in (SKIPPED, SKIPPED_KEYS) else v
+          for k, v in batch.items()}
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int,
@@ -125,19 +141,25 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
   ds = grain.MapDataset.source(source).repeat().shuffle(seed=seed)
   ds = ds[process_index::process_count]
   if cfg.shape_siblings:
+    if not isinstance(source, ShapesWorld):
+      raise ValueError("config.data.shape_siblings needs the shapes world source")
     if local_batch % 2:
       raise ValueError(f"config.data.shape_siblings needs an even per-process batch, got {local_batch}")
     ds = ds.map(AddSibling(source))
   ds = ds.map(TokenizeCaption(tokenizer, cfg.max_text_len, cfg.text_bos, cfg.text_eos))
-  if cfg.shape_siblings:
-    ds = ds.batch(local_batch // 2, drop_remainder=True).map(_merge_pairs)
-  else:
-    ds = ds.batch(local_batch, drop_remainder=True)
+  pairs = 2 if cfg.shape_siblings else 1
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  it_ds = SkipBadAndBatch(it_ds, local_batch // pairs, max_keys=local_batch)
+  if cfg.shape_siblings:
+    it_ds = it_ds.map(_merge_pairs)
   if cfg.workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
                                                            per_worker_buffer_size=cfg.prefetch))
   return iter(it_ds)
+
+
+def bad_record_counter(cfg: ml_collections.ConfigDict) -> BadRecordCounter:
+  return BadRecordCounter(cfg.max_bad_fraction, cfg.min_records_before_check)
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:

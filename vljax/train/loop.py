@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from vljax.data.pipeline import (build_tokenizer, data_config, global_batch, require_source,
-                                 train_iterator)
+from vljax.data.pipeline import (bad_record_counter, build_tokenizer, data_config, global_batch,
+                                 require_source, train_iterator)
 from vljax.evals.pictures import plot_curves, plot_samples
 from vljax.models import build_model
 from vljax.sharding import make_mesh, replicated
@@ -190,17 +190,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
       return metrics
 
+    bad_records = bad_record_counter(exp.data_cfg)
     progress = Progress(config.total_steps, start, enabled=is_main)
     pending: list[dict] = []
     t_window = time.time()
     for step in range(start + 1, config.total_steps + 1):
-      batch = global_batch(next(data_it), mesh, rules)
+      seen_bad = len(bad_records.distinct_bad_keys)
+      batch = global_batch(bad_records.observe(next(data_it)), mesh, rules)
+      if len(bad_records.distinct_bad_keys) > seen_bad and seen_bad < 10:
+        log.warning("Skipped bad input records (%d so far): %s", bad_records.bad,
+                    ", ".join(sorted(bad_records.distinct_bad_keys)[:10]))
       state, metrics = exp.train_step(state, batch)
       pending.append(metrics)
       if step % config.log_every == 0 or step == config.total_steps:
         window = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         summary["train/steps_per_sec"] = len(window) / (time.time() - t_window)
+        summary["data/skipped"] = bad_records.bad  # bad records read so far (repeats included)
+        summary["data/bad_records"] = len(bad_records.distinct_bad_keys)  # distinct ones
         if not np.isfinite(summary["train/loss"]):
           raise FloatingPointError(f"non-finite training loss at step {step}")
         writer.write(step, summary)
