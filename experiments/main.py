@@ -8,7 +8,6 @@ A bare config name resolves to experiments/configs/; `--config.a.b=value` overri
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -20,6 +19,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vljax.train.config import resolve_config_path  # pylint: disable=wrong-import-position
+from vljax.train.logging import setup_logging  # pylint: disable=wrong-import-position
 
 DEFAULT_CONFIG = "coca_tiny.py"
 
@@ -66,18 +66,15 @@ def main(argv):
     from vljax.train.dry_run import dry_run  # pylint: disable=import-outside-toplevel
     dry_run(config)
     return
+  from vljax.train import distributed  # pylint: disable=import-outside-toplevel
   from vljax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  distributed.initialize(config)
   workdir = _WORKDIR.value or os.path.join("workdirs", os.path.basename(
       flags.FLAGS["config"].config_filename)[:-3])
   train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  vljax_log = logging.getLogger("vljax")
-  vljax_log.addHandler(handler)
-  vljax_log.setLevel(logging.INFO)
-  vljax_log.propagate = False
+  setup_logging()
   absl_logging.set_verbosity(absl_logging.WARNING)
   app.run(main, argv=_resolve_config_flag(sys.argv))

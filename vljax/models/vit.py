@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vljax.nn import (AttentionPool, Dense, LayerNorm, LearnedPosEmbed, PatchEmbed, Transformer,
+from vljax.nn import (AttentionPool, ConvStem, Dense, LayerNorm, LearnedPosEmbed, PatchEmbed, Transformer,
                       constrain, partitioned, pool_tokens, sincos_2d)
 
 # name -> (width, depth, mlp_dim, num_heads). "mu" and "nano" are tiny presets for tests / CPU.
@@ -54,6 +54,7 @@ class ViT(nn.Module):
   mlp_dim: int | None = None
   num_heads: int | None = None
   patch_size: int | None = None
+  stem: str = "patch"  # "patch" (ViT) | "conv" (early convolutions, see nn.ConvStem)
   posemb: str = "learn"  # "learn" | "sincos2d"
   pool: str = "gap"  # "gap" | "cls" | "map" | "none"
   pre_norm: bool = False  # CLIP's ln_pre after the embeddings
@@ -82,7 +83,12 @@ class ViT(nn.Module):
     s = self.sizes()
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     images_bhwc = constrain(images_bhwc.astype(self.dtype), ("batch", None, None, None))
-    x = PatchEmbed(s["patch_size"], s["width"], name="embedding", **kw)(images_bhwc)
+    if self.stem == "patch":
+      x = PatchEmbed(s["patch_size"], s["width"], name="embedding", **kw)(images_bhwc)
+    elif self.stem == "conv":
+      x = ConvStem(s["patch_size"], s["width"], name="conv_stem", **kw)(images_bhwc)
+    else:
+      raise ValueError(f"Unknown ViT stem {self.stem!r}; choose patch or conv")
     grid = images_bhwc.shape[1] // s["patch_size"], images_bhwc.shape[2] // s["patch_size"]
     aux = {}
     if self.pool == "cls":

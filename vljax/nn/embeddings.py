@@ -53,6 +53,40 @@ class PatchEmbed(nn.Module):
     return x.reshape(batch, gh * gw, dim)
 
 
+class ConvStem(nn.Module):
+  """Early convolutions in place of patchify (Xiao et al. 2021, "Early Convolutions Help
+  Transformers See Better"): log2(patch_size) 3x3 stride-2 convolutions, each followed by
+  LayerNorm and ReLU, then a 1x1 convolution to the width. Same token grid as PatchEmbed, but
+  local features that do not depend on where an edge falls within a patch. [B,H,W,C] -> [B,N,D]."""
+
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images_bhwc: jax.Array) -> jax.Array:
+    num_convs = int(np.log2(self.patch_size))
+    if 2 ** num_convs != self.patch_size:
+      raise ValueError(f"a conv stem needs a power-of-two patch size, got {self.patch_size}")
+    x = images_bhwc
+    for i in range(num_convs):
+      channels = max(self.width // 2 ** (num_convs - i), 8)
+      x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype,
+                  kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)),
+                  name=f"conv_{i}")(x)
+      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                       scale_init=partitioned(nn.initializers.ones, (None,)),
+                       bias_init=partitioned(nn.initializers.zeros, (None,)), name=f"norm_{i}")(x)
+      x = nn.relu(x)
+    x = nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="proj")(x)
+    batch, gh, gw, dim = x.shape
+    return x.reshape(batch, gh * gw, dim)
+
+
 class TokenEmbed(nn.Module):
   """Token ids -> vectors; `attend` gives tied output logits."""
 

@@ -63,5 +63,12 @@ def load_params(path: str) -> Any:
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f"No vljax checkpoint at {path!r} (looked for {state_dir})")
   logging.info("Loading parameters from %s", state_dir)
-  restored = ocp.StandardCheckpointer().restore(state_dir)
+  # Only the parameters are read, onto this host's first device, whatever mesh wrote them.
+  metadata = ocp.StandardCheckpointer().metadata(state_dir).item_metadata["params"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype),
+                              target)
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
   return jax.device_get(restored["params"])

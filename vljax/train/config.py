@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0
   c.optim.freeze = ""  # regex on param paths ("img/.*" locks the image tower, as LiT)
 
+  # Multi-host start-up (see vljax.train.distributed); VLJAX_* environment variables override.
+  c.distributed = ml_collections.ConfigDict(dict(
+      mode="off", coordinator_address="", num_processes=1, process_id=0, cpu_collectives="gloo"))
+
   c.data = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
   c.init = ml_collections.ConfigDict(dict(checkpoint="", params=""))

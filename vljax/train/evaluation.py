@@ -63,7 +63,8 @@ class Evaluation:
 
     def run(params, x: np.ndarray) -> np.ndarray:
       x = np.asarray(x)
-      return np.asarray(jitted(params, _put_global(x, batch_sharding(mesh, rules, x.ndim))))
+      out = jitted(params, _put_global(x, batch_sharding(mesh, rules, x.ndim)))
+      return np.asarray(out.addressable_data(0))  # replicated: every process holds all of it
     return run
 
   def run(self, params) -> dict[str, float]:

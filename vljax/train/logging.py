@@ -14,6 +14,18 @@ import numpy as np
 log = logging.getLogger("vljax")
 
 
+def setup_logging(level: int = logging.INFO) -> None:
+  """Sends the "vljax" logger to stdout with a time stamp (independent of absl's root handler)."""
+  if any(getattr(h, "_vljax", False) for h in log.handlers):
+    return
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  handler._vljax = True  # pylint: disable=protected-access
+  log.addHandler(handler)
+  log.setLevel(level)
+  log.propagate = False
+
+
 def _scalar(value) -> float:
   return float(np.asarray(value))
 
@@ -57,10 +69,17 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
   if not os.path.exists(path):
     return []
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
 
 
 def _format_seconds(seconds: float) -> str:

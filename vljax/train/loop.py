@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vljax.data.pipeline import (bad_record_counter, build_tokenizer, data_config, global_batch,
@@ -155,9 +158,55 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
                     abstract_state, shardings, init_params, step)
 
 
+def _fetch_finite(pending: list[tuple[int, dict]]) -> list[dict]:
+  """Host copies of the pending metrics; raises naming the first step whose loss is not finite."""
+  window = [host_values(m) for _, m in pending]
+  for (step, _), m in zip(pending, window):
+    if not np.isfinite(m["train/loss"]):
+      raise FloatingPointError(f"Non-finite training loss ({m['train/loss']}) at step {step}; the "
+                               "last checkpoint written before it is kept.")
+  return window
+
+
+def host_values(tree: Any) -> Any:
+  """numpy copies of (replicated) arrays; works when other processes hold other devices."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                      else np.asarray(x), tree)
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
+
+  With several processes the request is shared (any process's SIGTERM stops all), so every
+  process saves the same step, as orbax expects.
+  """
+
+  def __init__(self):
+    self.flag = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.flag = True
+
+  def requested(self, step: int) -> bool:
+    del step
+    if jax.process_count() == 1:
+      return self.flag
+    flags = multihost_utils.process_allgather(np.array(self.flag))
+    return bool(np.any(flags))
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the final
-  evaluation, also written to `workdir/metrics.json`."""
+  evaluation, also written to `workdir/metrics.json`. On SIGTERM it checkpoints at the next step
+  boundary and returns {} without evaluating."""
   require_source(data_config(config.data))
   exp = build_experiment(config)
   config, mesh, rules = exp.config, exp.mesh, exp.rules
@@ -191,37 +240,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return metrics
 
     bad_records = bad_record_counter(exp.data_cfg)
+    preemption = PreemptionWatcher()
     progress = Progress(config.total_steps, start, enabled=is_main)
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
     t_window = time.time()
-    for step in range(start + 1, config.total_steps + 1):
+    step = start
+    while step < config.total_steps:
+      step += 1
       seen_bad = len(bad_records.distinct_bad_keys)
       batch = global_batch(bad_records.observe(next(data_it)), mesh, rules)
       if len(bad_records.distinct_bad_keys) > seen_bad and seen_bad < 10:
         log.warning("Skipped bad input records (%d so far): %s", bad_records.bad,
                     ", ".join(sorted(bad_records.distinct_bad_keys)[:10]))
       state, metrics = exp.train_step(state, batch)
-      pending.append(metrics)
-      if step % config.log_every == 0 or step == config.total_steps:
-        window = jax.device_get(pending)
-        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        summary["train/steps_per_sec"] = len(window) / (time.time() - t_window)
-        summary["data/skipped"] = bad_records.bad  # bad records read so far (repeats included)
-        summary["data/bad_records"] = len(bad_records.distinct_bad_keys)  # distinct ones
-        if not np.isfinite(summary["train/loss"]):
-          raise FloatingPointError(f"non-finite training loss at step {step}")
-        writer.write(step, summary)
-        progress.update(step)
-        pending, t_window = [], time.time()
-      if config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.total_steps:
+      pending.append((step, metrics))
+      saving = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+      stopping = preemption.requested(step)
+      if step % config.log_every == 0 or step == config.total_steps or saving or stopping:
+        window = _fetch_finite(pending)  # raises on a non-finite loss, before any save
+        if step % config.log_every == 0 or step == config.total_steps:
+          summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+          summary["train/steps_per_sec"] = len(window) / (time.time() - t_window)
+          summary["data/skipped"] = bad_records.bad  # bad records read (repeats included)
+          summary["data/bad_records"] = len(bad_records.distinct_bad_keys)  # distinct ones
+          writer.write(step, summary)
+          progress.update(step)
+          pending, t_window = [], time.time()
+      if (saving or stopping) and step != config.total_steps:
         checkpointer.save(step, state, data_it)
+      if stopping:
+        log.warning("Stop requested (SIGTERM): saved the checkpoint of step %d; rerun the same "
+                    "command to resume.", step)
+        preemption.restore()
+        checkpointer.close()
+        writer.close()
+        return {}
       if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
         evaluate(step)
+    preemption.restore()
     if start < config.total_steps:
       checkpointer.save(config.total_steps, state, data_it)
     final = evaluate(config.total_steps)
+    images, lines = evaluation.samples(state.params)  # every process joins the computation
     if is_main:
-      images, lines = evaluation.samples(state.params)
       plot_samples(images, lines, os.path.join(workdir, "samples.png"))
     checkpointer.close()
   writer.close()
