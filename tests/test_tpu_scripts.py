@@ -139,7 +139,7 @@ def test_launch(run_script):
   assert train, remote
   assert shlex.split(train.group(1)) == [
       ".venv/bin/python", "experiments/main.py", "--config=clip_tiny.py",
-      "--workdir=/mnt/shared/run 1", "--config.total_steps=100", "--config.model.name=it's"]
+      "--workdir=/mnt/shared/run 1", "--config.distributed.mode=auto", "--config.total_steps=100", "--config.model.name=it's"]
   steps = remote.split("; ")
   assert "run=clip_tiny" in steps and "logdir=$HOME/vljax-logs" in steps
 
@@ -176,7 +176,7 @@ def test_launch_and_stop_run_on_a_worker(run_script, tmp_path):
       time.sleep(0.05)
     assert log.read_text().strip() == (
         "training: experiments/main.py --config=clip_tiny.py --workdir=/mnt/shared/run 1 "
-        "--config.total_steps=100 --config.model.name=it's")
+        "--config.distributed.mode=auto --config.total_steps=100 --config.model.name=it's")
     again = subprocess.run(["bash", "-c", launch], env=env, capture_output=True, text=True,
                            timeout=30, check=False)
     assert again.returncode == 1 and "clip_tiny is already running" in again.stderr

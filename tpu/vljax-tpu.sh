@@ -291,8 +291,10 @@ cmd_launch() {
   require_plain REMOTE_DIR "$REMOTE_DIR"
   require_plain LOG_DIR "$LOG_DIR"
   require_plain RUN_NAME "$run"
+  # Every worker is one process of JAX's multi-controller runtime; "auto" lets
+  # jax.distributed.initialize() find the slice's other hosts.
   train=$(quote .venv/bin/python experiments/main.py --config="$CONFIG" --workdir="$WORKDIR" \
-    ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+    --config.distributed.mode=auto ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
   remote all 'set -euo pipefail' "run=$run" "logdir=\$HOME/$LOG_DIR" \
     'log=$logdir/$run-$(hostname)' 'mkdir -p "$logdir"' "cd \"\$HOME/$REMOTE_DIR\"" \
     'if [ -f "$log.pid" ] && kill -0 "$(cat "$log.pid")" 2>/dev/null; then echo "$(hostname): $run is already running" >&2; exit 1; fi' \

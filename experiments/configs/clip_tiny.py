@@ -8,20 +8,21 @@ from vljax.train.config import base_config
 def get_config():
   c = base_config()
   c.family = "two_tower"
-  c.total_steps = 600
-  c.batch_size = 128
+  c.total_steps = 900
+  c.batch_size = 64
   c.log_every = 50
-  c.eval_every = 300
-  c.checkpoint_every = 200
+  c.eval_every = 450
+  c.checkpoint_every = 300
   c.model = dict(
       name="two_tower",
-      image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8, pool="gap"),
+      image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8, stem="conv",
+                 pool="gap"),
       text=dict(width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot"),
       embed_dim=128,
       loss="softmax",
   )
-  c.data = dict(image_size=64, max_text_len=32, shape_siblings=True)
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 50
+  c.data = dict(image_size=48, max_text_len=32, shape_siblings=True)
+  c.optim.lr = 1.5e-3
+  c.optim.warmup_steps = 100
   c.optim.weight_decay = 1e-4
   return c

@@ -13,22 +13,22 @@ from vljax.train.config import base_config
 def get_config():
   c = base_config()
   c.family = "coca"
-  c.total_steps = 600
-  c.batch_size = 128
+  c.total_steps = 900
+  c.batch_size = 64
   c.log_every = 50
-  c.eval_every = 300
-  c.checkpoint_every = 200
+  c.eval_every = 450
+  c.checkpoint_every = 300
   c.model = dict(
       name="coca",
-      image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8),
+      image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8, stem="conv"),
       width=128, num_heads=4, mlp_dim=512, unimodal_depth=2, multimodal_depth=2,
       num_caption_queries=16,
   )
   # BOS starts every caption (the decoder's first input); 33 = BOS + the longest caption + EOS.
-  c.data = dict(image_size=64, max_text_len=33, text_bos=True, shape_siblings=True)
+  c.data = dict(image_size=48, max_text_len=33, text_bos=True, shape_siblings=True)
   c.loss.contrastive_weight = 1.0
   c.loss.caption_weight = 2.0
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 50
+  c.optim.lr = 1.5e-3
+  c.optim.warmup_steps = 100
   c.evals = dict(captioning_images=200)
   return c

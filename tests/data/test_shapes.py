@@ -78,15 +78,22 @@ def test_scenes_have_objects_in_distinct_cells_within_count_bounds():
 
 
 def test_every_caption_states_every_object_exactly():
+  """Full captions state every attribute of every object; short ones every colour and shape."""
   world = shapes.ShapesWorld("validation")
   for index in range(60):
     scene = world.scene(index)
     expected = sorted(_describe(obj) for obj in scene.objects)
     all_captions = views.captions(scene)
     assert len(set(all_captions)) == len(all_captions) >= 5
-    for caption in all_captions:
+    full = all_captions[:views.FULL_CAPTION_TEMPLATES]
+    for caption in full:
       assert sorted(_parse_caption(caption)) == expected, caption
+    for caption in all_captions:
       assert caption == caption.lower() and caption.endswith(".")
+    for caption in all_captions[views.FULL_CAPTION_TEMPLATES:]:
+      named = re.findall(r"a (?:(?:small|large) )?(\w+) (\w+)", caption)
+      assert sorted(named) == sorted((o.colour, o.shape) for o in scene.objects), caption
+      assert not any(p in caption for p in ("top", "bottom", "left", "right", "center"))
     assert world.example(index)["caption"] in all_captions
 
 

@@ -1,8 +1,9 @@
 """Text views of a shapes-world scene: captions, class labels and zero-shot prompts.
 
-Every caption names every object's size, colour, shape and position, so a caption identifies
-its scene up to rendering jitter; that is what lets contrastive models reach high retrieval
-accuracy on the shapes world.
+The first FULL_CAPTION_TEMPLATES captions name every object's size, colour, shape and position,
+so they identify a scene up to rendering jitter (what retrieval needs); the shorter ones name
+colours and shapes (and sizes) only, so that a model also learns what an object is wherever it
+is (what zero-shot classification from class names needs).
 """
 from __future__ import annotations
 
@@ -31,11 +32,10 @@ GENERIC_TEMPLATES: tuple[str, ...] = (
     "one {} on a dark background.",
 )
 
-# CLIP ensembles many prompts per class ("a photo of a small {}.", "a photo of the large {}.",
-# ...). Captions here always state size and position, which a class name leaves out, so the
-# ensemble also spans those nuisance attributes: the class embedding is their average.
+# CLIP ensembles prompts per class, some naming nuisance attributes ("a photo of a small {}.");
+# so do we, with the sizes.
 ZEROSHOT_TEMPLATES: tuple[str, ...] = GENERIC_TEMPLATES + tuple(
-    f"a {size} {{}} {phrase}." for size in shapes.SIZES for phrase in POSITION_PHRASES)
+    f"a picture of a {size} {{}}." for size in shapes.SIZES)
 
 
 def position_phrase(obj: shapes.ShapeObject) -> str:
@@ -98,6 +98,16 @@ def _in_the_picture(scene: shapes.Scene) -> str:
   return f"in the picture, {objects}."
 
 
+def _what_only(scene: shapes.Scene) -> str:
+  """Colours and shapes only, as terse web captions often are ("a red circle and a blue star.")."""
+  return _join([f"a {o.colour} {o.shape}" for o in _reading_order(scene)]) + "."
+
+
+def _sized_only(scene: shapes.Scene) -> str:
+  """Sizes, colours and shapes, no positions."""
+  return "there is " + _join([f"a {o.size} {o.colour} {o.shape}" for o in _reading_order(scene)]) + "."
+
+
 def _position_first(scene: shapes.Scene) -> str:
   return _join([_located_phrase(o) for o in _reading_order(scene)]) + "."
 
@@ -105,7 +115,12 @@ def _position_first(scene: shapes.Scene) -> str:
 # The order of this tuple fixes what `caption(scene, variant)` returns; append, never reorder.
 CAPTION_TEMPLATES: tuple[Callable[[shapes.Scene], str], ...] = (
     _plain, _there_is, _picture_of, _counted, _image_showing, _in_the_picture, _position_first,
+    _what_only, _sized_only,
 )
+# Captions of the first FULL_CAPTION_TEMPLATES templates state every attribute; the others leave
+# out positions (and sizes), so a model must also know "a red circle" wherever and however large
+# it is: what a class-name prompt asks in zero-shot classification.
+FULL_CAPTION_TEMPLATES = 7
 NUM_CAPTION_TEMPLATES = len(CAPTION_TEMPLATES)
 
 
