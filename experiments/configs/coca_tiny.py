@@ -4,7 +4,7 @@
   python experiments/main.py --config=coca_tiny.py --workdir=workdirs/coca_tiny
 
 Image ViT 128 wide, 3 layers, patch 8 on 64px scenes; attentional poolers (1 contrastive query,
-16 captioning queries); unimodal and multimodal text decoders of 2 layers each, 128 wide.
+16 captioning queries); unimodal and multimodal text decoders of 1 layer each, 128 wide.
 Loss = 1 * contrastive + 2 * captioning, as the paper.
 """
 from vljax.train.config import base_config
@@ -21,7 +21,7 @@ def get_config():
   c.model = dict(
       name="coca",
       image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8, stem="conv"),
-      width=128, num_heads=4, mlp_dim=512, unimodal_depth=2, multimodal_depth=2,
+      width=128, num_heads=4, mlp_dim=512, unimodal_depth=1, multimodal_depth=1,
       num_caption_queries=16,
   )
   # BOS starts every caption (the decoder's first input); 33 = BOS + the longest caption + EOS.

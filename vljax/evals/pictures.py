@@ -35,17 +35,19 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
 
 
 def plot_samples(images: np.ndarray, lines: Sequence[Sequence[str]], path: str, cols: int = 4,
-                 wrap: int = 38) -> None:
+                 wrap: int = 46) -> None:
   """A grid of uint8 images, each titled by its lines (e.g. generated / reference captions)."""
   if len(images) != len(lines):
     raise ValueError(f"{len(images)} images but {len(lines)} line groups")
   rows = -(-len(images) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.2 * rows), squeeze=False)
+  text_lines = max((sum(len(textwrap.wrap(t, wrap)) for t in text) for text in lines), default=1)
+  title_inches = 0.14 * text_lines  # room above each image for its wrapped lines
+  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, (3.2 + title_inches) * rows),
+                           squeeze=False, gridspec_kw={"hspace": title_inches / 3.2 + 0.1})
   for ax in axes.ravel():
     ax.axis("off")
   for ax, image, text in zip(axes.ravel(), images, lines):
     ax.imshow(image, interpolation="nearest")
-    ax.set_title("\n".join(textwrap.fill(t, wrap) for t in text), fontsize=7, loc="left")
-  fig.tight_layout()
+    ax.set_title("\n".join(textwrap.fill(t, wrap) for t in text), fontsize=6.5, loc="left")
   fig.savefig(path, dpi=100)
   plt.close(fig)
