@@ -1,8 +1,10 @@
 """Benchmark of the contrastive losses: compiled memory, speed, and an exact run at B = 2^17.
 
-  python experiments/bench_losses.py --out /tmp/bench_losses.json         # full, ~10 min
+  python experiments/bench_losses.py --out /tmp/bench_losses.json         # full, ~15 min
   python experiments/bench_losses.py --quick                              # ~1 min
-  python experiments/bench_losses.py --big --out /tmp/bench_losses.json   # B = 2^17, ~30 min
+  python experiments/bench_losses.py --big --out /tmp/bench_losses.json   # B = 2^17, ~40 min
+
+(times on 2 CPU cores).
 
 For every loss (softmax, sigmoid), implementation (naive, chunked, ring on 8 devices) and
 batch B = 2^12 ... 2^20 at width 512 it records the temporary memory of the compiled
@@ -12,15 +14,17 @@ wall time (median of several runs after a warm-up, configurations interleaved ro
 load from other processes hits them alike) and achieved FLOP/s. FLOPs are the model FLOPs of
 loss-and-gradient, 6 B^2 D (logits plus the two gradient matmuls); recomputation in the
 backward pass is not counted. The ceiling is a dense [B, D] x [D, B] float32 matmul timed in
-the same rounds.
+the same rounds. Each record also keeps the per-round wall times and the median process CPU
+time: on a shared machine the CPU time and the per-round ratios are the steadier comparison.
 
 The 8 ring devices are fake CPU devices: XLA_FLAGS is set below, before jax is imported, for
 the whole process (single-device programs run on device 0 and are unaffected).
 
---big runs chunked loss-and-gradient at B = 2^17 (naive would need ~384 GiB) for both losses
-in a fresh process, reports peak resident memory (ru_maxrss, read before the reference is
-computed) and compares the loss with a float64 NumPy reference computed block by block. Its
-records are appended to --out (replacing earlier --big records).
+--big runs only chunked loss-and-gradient at B = 2^17 (naive would need ~384 GiB) for both
+losses, so that the process's peak resident memory (ru_maxrss, read before the reference is
+computed) is this run's own, and compares the loss with a float64 NumPy reference computed
+block by block. Its records are merged into --out (replacing earlier --big records; a later
+sweep keeps them).
 """
 import os
 
@@ -90,25 +94,32 @@ def embeddings(batch, seed=0):
 
 
 def time_round_robin(fns, args_for, reps):
-  """Median wall seconds of each fn; one warm-up each, then `reps` interleaved rounds."""
+  """Wall and process-CPU seconds of each fn: one warm-up each, then `reps` interleaved
+  rounds. Returns {name: {"wall": [...], "cpu": [...]}}, one entry per round."""
   for name, fn in fns.items():
     jax.block_until_ready(fn(*args_for(name)))
-  seconds = {name: [] for name in fns}
+  times = {name: {"wall": [], "cpu": []} for name in fns}
   for _ in range(reps):
     for name, fn in fns.items():
       args = args_for(name)
-      start = time.perf_counter()
+      wall, cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(*args))
-      seconds[name].append(time.perf_counter() - start)
-  return {name: float(np.median(s)) for name, s in seconds.items()}
+      times[name]["wall"].append(time.perf_counter() - wall)
+      times[name]["cpu"].append(time.process_time() - cpu)
+  return times
 
 
-def _record(kind, impl, batch, temp, seconds):
+def _record(kind, impl, batch, temp, times=None):
+  """One JSON record; seconds is the median wall time, cpu_seconds the median process CPU
+  time (less sensitive to other jobs on a shared machine), rounds the wall time per round."""
   flops = 6.0 * batch * batch * WIDTH
+  seconds = None if times is None else float(np.median(times["wall"]))
   return {"loss": kind, "impl": impl, "batch": batch, "width": WIDTH,
           "devices": 8 if impl == "ring" else 1, "chunk": None if impl == "naive" else CHUNK,
           "temp_bytes": temp, "seconds": seconds,
-          "flops_per_s": None if seconds is None else flops / seconds}
+          "flops_per_s": None if seconds is None else flops / seconds,
+          "cpu_seconds": None if times is None else float(np.median(times["cpu"])),
+          "rounds": None if times is None else [float(t) for t in times["wall"]]}
 
 
 def run_sweep(quick):
@@ -119,9 +130,8 @@ def run_sweep(quick):
   time_limit = ({"naive": 2**12, "chunked": 2**12, "ring": 2**12} if quick else
                 {"naive": 2**13, "chunked": 2**14, "ring": 2**13})
   ceiling_batch = 2**12 if quick else 2**13
-  reps = 3 if quick else 5
   timed_batches = sorted(set(time_limit.values()) | {2**12})
-  seconds, ceiling = {}, None
+  times, ceiling = {}, None
   for batch in timed_batches:
     img, txt = embeddings(batch)
     fns, inputs = {}, {}
@@ -136,22 +146,24 @@ def run_sweep(quick):
     if batch == ceiling_batch:
       inputs["matmul"] = (jnp.asarray(img), jnp.asarray(txt))
       fns[("matmul", "matmul")] = jax.jit(lambda a, b: a @ b.T)
-    print(f"timing B={batch}: {sorted(fns)}", flush=True)
-    measured = time_round_robin(fns, lambda name: inputs[name[1]], reps)
-    for (kind, impl), sec in measured.items():
+    reps = 3 if quick or batch > 2**13 else 7
+    print(f"timing B={batch} x{reps}: {sorted(fns)}", flush=True)
+    for (kind, impl), t in time_round_robin(fns, lambda name: inputs[name[1]], reps).items():
       if kind == "matmul":
-        ceiling = 2.0 * batch * batch * WIDTH / sec
+        flops = 2.0 * batch * batch * WIDTH
+        ceiling = {"impl": "matmul_ceiling", "batch": batch, "width": WIDTH,
+                   "flops_per_s": flops / float(np.median(t["wall"])),
+                   "cpu_flops_per_s": flops / float(np.median(t["cpu"]))}
       else:
-        seconds[(kind, impl, batch)] = sec
+        times[(kind, impl, batch)] = t
   records = []
   for kind in KINDS:
     for impl in IMPLS:
-      for batch in sorted(set(mem_batches) | {b for (_, _, b) in seconds}):
+      for batch in sorted(set(mem_batches) | {b for (_, _, b) in times}):
         temp = temp_bytes(kind, impl, batch, mesh)
-        records.append(_record(kind, impl, batch, temp, seconds.get((kind, impl, batch))))
+        records.append(_record(kind, impl, batch, temp, times.get((kind, impl, batch))))
         print(f"memory {kind} {impl} B={batch}: {temp / 2**20:.1f} MiB", flush=True)
-  records.append({"impl": "matmul_ceiling", "flops_per_s": ceiling, "batch": ceiling_batch,
-                  "width": WIDTH})
+  records.append(ceiling)
   return records
 
 
@@ -200,12 +212,12 @@ def run_big(batch=2**17):
     fn = _grad_fn(kind, "chunked", None)
     args = (img_j, txt_j, jnp.float32(SCALE), jnp.float32(SIGMOID_BIAS))
     compiled = fn.lower(*args).compile()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     (value, grads) = jax.block_until_ready(compiled(*args))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     del grads
     rec = _record(kind, "chunked", batch, int(compiled.memory_analysis().temp_size_in_bytes),
-                  seconds)
+                  {"wall": [seconds], "cpu": [cpu_seconds]})
     rec.update(big=True, value=float(value),
                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     records.append(rec)
@@ -221,6 +233,7 @@ def run_big(batch=2**17):
 
 
 def markdown_table(records):
+  """One row per record: memory, median wall time, model FLOP/s and its share of the ceiling."""
   ceiling = next((r["flops_per_s"] for r in records if r["impl"] == "matmul_ceiling"), None)
   lines = ["| loss | impl | B | devices | temp memory | seconds | GFLOP/s | of ceiling |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -241,8 +254,10 @@ def markdown_table(records):
 
 
 def speed_summary(records):
-  """chunked / naive time and chunked fraction of the ceiling at the largest shared batch."""
-  ceiling = next((r["flops_per_s"] for r in records if r["impl"] == "matmul_ceiling"), None)
+  """Chunked against naive at the largest batch both ran: ratio of median wall times, median
+  of the per-round ratios (each round runs both back to back, so load from other jobs hits
+  them alike), ratio of CPU times; and chunked against the matmul ceiling."""
+  ceiling = next((r for r in records if r["impl"] == "matmul_ceiling"), None)
   timed = {(r["loss"], r["impl"], r["batch"]): r for r in records
            if r.get("seconds") is not None and not r.get("big")}
   lines = []
@@ -253,10 +268,16 @@ def speed_summary(records):
       continue
     batch = max(shared)
     chunked, naive = timed[(kind, "chunked", batch)], timed[(kind, "naive", batch)]
-    frac = chunked["flops_per_s"] / ceiling if ceiling else float("nan")
-    lines.append(f"{kind} B={batch}: chunked / naive time = "
-                 f"{chunked['seconds'] / naive['seconds']:.2f}, chunked at {frac:.2f} of the "
-                 f"matmul ceiling")
+    paired = np.median(np.asarray(chunked["rounds"]) / np.asarray(naive["rounds"]))
+    line = (f"{kind} B={batch}: chunked / naive time = {chunked['seconds'] / naive['seconds']:.2f}"
+            f" (median of per-round ratios {paired:.2f}, CPU time "
+            f"{chunked['cpu_seconds'] / naive['cpu_seconds']:.2f})")
+    if ceiling:
+      flops = 6.0 * batch * batch * WIDTH
+      line += (f"; chunked at {chunked['flops_per_s'] / ceiling['flops_per_s']:.2f} of the "
+               f"matmul ceiling ({flops / chunked['cpu_seconds'] / ceiling['cpu_flops_per_s']:.2f}"
+               " in CPU time)")
+    lines.append(line)
   return "\n".join(lines)
 
 
