@@ -1,7 +1,5 @@
-"""CoCa-Large as in Yu et al. (2022), Table 1: 288px images, patch 18, 64k vocabulary, 256
-captioning queries, loss = 1 * contrastive + 2 * captioning, AdamW (lr 8e-4, b2 0.999, wd 0.01),
-bf16 compute, scanned and rematerialised layers, the chunked contrastive loss. For TPU pods:
-set a real data source first (a run without one stops and names the fields to set).
+"""CoCa-Large as in Yu et al. (2022), Table 1; the recipe of coca_base.py with the large sizes and
+a wider FSDP axis. For TPU pods: set a real data source first.
 
   python experiments/main.py --config=coca_large.py --dry_run
   python experiments/main.py --config=coca_large.py --workdir=gs://BUCKET/coca_large \
@@ -11,22 +9,7 @@ from vljax.train.config import load_config
 
 
 def get_config():
-  c = load_config("coca_tiny.py")
-  c.total_steps = 500000
-  c.batch_size = 4096  # per the paper 65,536; raise it with the mesh
-  c.log_every = 100
-  c.eval_every = 10_000
-  c.checkpoint_every = 2_000
-  c.compute_dtype = "bfloat16"
+  c = load_config("coca_base.py")
+  c.model.variant = "large"
   c.mesh = [("data", -1), ("fsdp", 16), ("tensor", 1)]
-  c.model = dict(name="coca", variant="large", vocab_size=64_000,
-                 image=dict(scan=True, remat="dots_no_batch"), scan=True, remat="dots_no_batch")
-  c.data = dict(source="", tokenizer="", image_size=288, max_text_len=64, text_bos=True)
-  c.loss.impl = "chunked"
-  c.loss.chunk_size = 4096
-  c.optim.lr = 8e-4
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 0.01
-  c.optim.warmup_steps = 10_000
-  c.optim.schedule = "linear"
   return c
