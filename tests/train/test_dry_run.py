@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from tests.train.helpers import tiny_config

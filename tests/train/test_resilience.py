@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from vljax.train.checkpoint import Checkpointer, load_params
 from vljax.train.logging import read_jsonl

@@ -17,7 +17,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from vljax.models.text import TextTransformer
 from vljax.models.vit import ViT

@@ -190,8 +190,7 @@ class PreemptionWatcher:
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.flag = True
 
-  def requested(self, step: int) -> bool:
-    del step
+  def requested(self) -> bool:
     if jax.process_count() == 1:
       return self.flag
     flags = multihost_utils.process_allgather(np.array(self.flag))
@@ -255,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, metrics = exp.train_step(state, batch)
       pending.append((step, metrics))
       saving = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-      stopping = preemption.requested(step)
+      stopping = preemption.requested()
       if step % config.log_every == 0 or step == config.total_steps or saving or stopping:
         window = _fetch_finite(pending)  # raises on a non-finite loss, before any save
         if step % config.log_every == 0 or step == config.total_steps:

@@ -13,7 +13,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
