@@ -7,7 +7,9 @@ import sys
 import jax
 import pytest
 
+from vljax.data.pipeline import data_config
 from vljax.train.config import CONFIG_DIR, base_config, load_config, resolve_config_path, validate
+from vljax.train.evaluation import eval_config
 from vljax.train.loop import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +52,8 @@ def test_every_config_validates_and_builds(name):
   config = load_config(name)
   for key in ("total_steps", "log_every", "eval_every", "checkpoint_every", "seed"):
     assert key in config
+  data_config(config.data)
+  eval_config(config.evals)  # data and evals are free-form: their consumers validate them
   config.init.checkpoint = ""  # LiT's source checkpoint is not needed to build shapes
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   exp = build_experiment(config, devices=jax.devices()[:1])

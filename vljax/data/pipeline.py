@@ -19,15 +19,25 @@ from jax.sharding import Mesh
 
 from vljax.data.batching import SKIPPED, SKIPPED_KEYS, BadRecordCounter, SkipBadAndBatch
 from vljax.data.shapes import ShapesWorld
+from vljax.data.tfds import TfdsFeatureError, TfdsSource
 from vljax.data.webdataset import WebDatasetSource
 from vljax.data.tokenizer import Tokenizer, shapes_tokenizer
 from vljax.sharding import batch_sharding
 
 DATA_DEFAULTS = dict(
-    source="shapes",  # "shapes" (the embedded world) | "webdataset" (tar shards, see `shards`)
+    # "shapes" (the embedded world) | "webdataset" (tar shards, see `shards`) | "tfds" (a TFDS
+    # dataset stored as array_record, see `tfds_name`); validation sets come from the shapes world.
+    source="shapes",
     shards="",  # webdataset: brace pattern(s) of tar shards, e.g. "data/{00000..00127}.tar"
     caption_keys=("txt", "json"),  # webdataset: members holding the caption, first found wins
     json_caption_field="caption",
+    tfds_name="",  # tfds: dataset, optionally with config / version ("coco_captions/2014:1.1.0")
+    tfds_split="train",  # tfds: split, with TFDS's syntax ("train+restval", "train[:90%]")
+    tfds_data_dir="",  # tfds: where it was prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    tfds_image_key="image",  # tfds: the image feature ("/" descends into nested features)
+    tfds_caption_key="captions/text",  # tfds: a Text feature or a sequence of them (one is picked)
+    tfds_label_key="",  # tfds: optional ClassLabel feature, passed on as "label"
+    tfds_download=False,  # tfds: prepare it if data_dir lacks it (may need TensorFlow, network)
     max_bad_fraction=0.05,  # stop when more of the records read so far are undecodable / empty
     min_records_before_check=1000,  # ... but only after this many records
     image_size=64,
@@ -47,6 +57,9 @@ DATA_DEFAULTS = dict(
 )
 
 
+SOURCES = ("shapes", "webdataset", "tfds")
+
+
 def data_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """DATA_DEFAULTS updated by `cfg`; an unknown key raises naming it."""
   unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
@@ -61,13 +74,31 @@ def require_source(cfg: ml_collections.ConfigDict, config_name: str = "this conf
   if not cfg.source:
     raise ValueError(
         f"{config_name} has no data source: set config.data.source (e.g. "
-        "--config.data.source=shapes for the embedded shapes world, or a real image-text "
-        "source) and, for real sources, its shard / dataset fields and config.data.tokenizer "
-        "(a sentencepiece .model path).")
+        "--config.data.source=shapes for the embedded shapes world, or 'webdataset' / 'tfds' "
+        "for real image-text pairs) and, for real sources, its shard / dataset fields and "
+        "config.data.tokenizer (a sentencepiece .model path).")
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
   return Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else shapes_tokenizer()
+
+
+def tfds_source(cfg: ml_collections.ConfigDict) -> TfdsSource:
+  """The TFDS training source that `cfg.tfds_*` describe; errors name the config field."""
+  if not cfg.tfds_name:
+    raise ValueError("config.data.source='tfds' needs config.data.tfds_name (e.g. 'coco_captions')")
+  if not cfg.tfds_caption_key:
+    raise ValueError("config.data.source='tfds' needs config.data.tfds_caption_key (e.g. "
+                     "'captions/text'): training pairs images with captions")
+  try:
+    return TfdsSource(cfg.tfds_name, split=cfg.tfds_split, data_dir=cfg.tfds_data_dir or None,
+                      image_size=cfg.image_size, image_key=cfg.tfds_image_key,
+                      caption_key=cfg.tfds_caption_key, label_key=cfg.tfds_label_key or None,
+                      download=cfg.tfds_download)
+  except TfdsFeatureError as e:
+    raise ValueError(f"config.data.tfds_{e.argument}={e.path!r} {e.detail}") from e
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.data.tfds_name / tfds_data_dir / tfds_download: {e}") from e
 
 
 def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
@@ -77,9 +108,11 @@ def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
       raise ValueError("config.data.source='webdataset' needs config.data.shards (a brace pattern)")
     return WebDatasetSource(cfg.shards, image_size=cfg.image_size, caption_keys=cfg.caption_keys,
                             json_caption_field=cfg.json_caption_field)
-  if cfg.source not in ("shapes", "webdataset"):
-    raise ValueError(f"config.data.source={cfg.source!r} is not available; choose 'shapes' or "
-                     "'webdataset'")
+  if cfg.source == "tfds" and split == "train":
+    return tfds_source(cfg)
+  if cfg.source not in SOURCES:
+    raise ValueError(f"config.data.source={cfg.source!r} is not available; choose one of "
+                     f"{', '.join(repr(s) for s in SOURCES)}")
   kw = dict(split=split, seed=cfg.world_seed, image_size=cfg.image_size,
             min_objects=cfg.min_objects, max_objects=cfg.max_objects)
   if split == "train":

@@ -163,7 +163,7 @@ def decode_rgb(data: bytes, image_size: int | None = None,
   """Image bytes -> uint8 [H, W, 3], or a string saying why they cannot be used.
 
   With `image_size`, the shorter side is resized to it (bicubic, antialiased when shrinking) and
-  the centre square is kept, in one resampling.
+  the centre square is kept, in one resampling (see `to_rgb`).
   """
   try:
     image = Image.open(io.BytesIO(data))
@@ -171,6 +171,23 @@ def decode_rgb(data: bytes, image_size: int | None = None,
       # Lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= image_size: much faster.
       image.draft("RGB", (image_size, image_size))
     image.load()
+  except Image.UnidentifiedImageError:
+    return "cannot decode image (not in any format PIL reads)"
+  except Exception as e:  # pylint: disable=broad-except
+    # Damaged bytes make PIL raise many types (OSError, SyntaxError, ValueError, bombs...).
+    return f"cannot decode image ({type(e).__name__}: {e})"
+  return to_rgb(image, image_size, exif_transpose)
+
+
+def to_rgb(image: Image.Image, image_size: int | None = None,
+           exif_transpose: bool = True) -> np.ndarray | str:
+  """A PIL image -> uint8 [H, W, 3], or a string saying why it cannot be used.
+
+  Alpha is composited over `ALPHA_BACKGROUND`; modes outside `RGB_CONVERTIBLE_MODES` are refused.
+  With `image_size`, the shorter side is resized to it (bicubic, antialiased when shrinking) and
+  the centre square is kept, in one resampling.
+  """
+  try:
     if image.mode not in RGB_CONVERTIBLE_MODES:
       return f"unsupported image mode {image.mode!r}"
     if exif_transpose:
@@ -189,10 +206,8 @@ def decode_rgb(data: bytes, image_size: int | None = None,
       image = image.resize((image_size, image_size), Image.Resampling.BICUBIC,
                            box=(left, top, left + side, top + side))
     return np.asarray(image, dtype=np.uint8)
-  except Image.UnidentifiedImageError:
-    return "cannot decode image (not in any format PIL reads)"
   except Exception as e:  # pylint: disable=broad-except
-    # Damaged bytes make PIL raise many types (OSError, SyntaxError, ValueError, bombs...).
+    # Lazily decoded data can still fail here (truncated tiles, bombs...).
     return f"cannot decode image ({type(e).__name__}: {e})"
 
 

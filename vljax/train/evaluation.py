@@ -12,6 +12,7 @@ import numpy as np
 from vljax.data.pipeline import normalize_images
 from vljax.evals.captioning import CaptioningEvaluator
 from vljax.evals.contrastive import ImageTextEvaluator, batched
+from vljax.evals.tfds_zeroshot import TfdsZeroShotEvaluator, zeroshot_specs
 from vljax.sharding import batch_sharding, replicated
 
 EVAL_DEFAULTS = dict(
@@ -20,15 +21,22 @@ EVAL_DEFAULTS = dict(
     captioning_images=200,  # validation scenes captioned by generative families
     batch_size=200,
     sample_images=8,  # images in samples.png
+    # Zero-shot classification on TFDS datasets, for families that embed images and texts:
+    # {short name: spec}, e.g. {"cifar100": dict(split="test")}, reported as
+    # "zeroshot_<short name>/top1"; spec fields: vljax.evals.tfds_zeroshot.SPEC_DEFAULTS.
+    tfds_zeroshot={},
 )
 
 
 def eval_config(cfg) -> ml_collections.ConfigDict:
+  """EVAL_DEFAULTS updated by `cfg`; an unknown key (also in a tfds_zeroshot spec) raises."""
   unknown = sorted(set(cfg) - set(EVAL_DEFAULTS))
   if unknown:
     raise ValueError(f"Unknown config key(s) {', '.join('config.evals.' + k for k in unknown)}; "
                      f"valid keys: {', '.join(sorted(EVAL_DEFAULTS))}")
-  return ml_collections.ConfigDict({**EVAL_DEFAULTS, **dict(cfg)})
+  merged = ml_collections.ConfigDict({**EVAL_DEFAULTS, **dict(cfg)})
+  merged.tfds_zeroshot = zeroshot_specs(merged.tfds_zeroshot)
+  return merged
 
 
 def _put_global(x: np.ndarray, sharding) -> jax.Array:
@@ -43,8 +51,14 @@ class Evaluation:
     self.exp, self.cfg = exp, cfg
     family, data = exp.family, exp.data_cfg
     self.image_text = self.captioning = None
+    self.tfds_zeroshot: list[TfdsZeroShotEvaluator] = []
+    if cfg.tfds_zeroshot and family.embed_images is None:
+      raise ValueError(f"config.evals.tfds_zeroshot needs a family that embeds images and texts; "
+                       f"{exp.config.family!r} does not")
     if family.embed_images is not None:
       self.image_text = ImageTextEvaluator(data, cfg, exp.tokenizer)
+      self.tfds_zeroshot = [TfdsZeroShotEvaluator(key, spec, data, exp.tokenizer, cfg.batch_size)
+                            for key, spec in cfg.tfds_zeroshot.items()]
       self._embed_images = self._jit(lambda p, x: family.embed_images(exp.model, p, self._normalize(x)))
       self._embed_texts = self._jit(lambda p, t: family.embed_texts(exp.model, p, t))
     if family.generate is not None and cfg.captioning_images:
@@ -72,6 +86,9 @@ class Evaluation:
     if self.image_text is not None:
       metrics.update(self.image_text.run(lambda x: self._embed_images(params, x),
                                          lambda t: self._embed_texts(params, t)))
+    for evaluator in self.tfds_zeroshot:
+      metrics.update(evaluator.run(lambda x: self._embed_images(params, x),
+                                   lambda t: self._embed_texts(params, t)))
     if self.captioning is not None:
       metrics.update(self.captioning.run(lambda x: self._generate(params, x)))
     return metrics

@@ -1,0 +1,38 @@
+"""CLIP ViT-B/16 (clip_b16.py) trained on COCO captions read from TFDS, with zero-shot CIFAR-100
+(top-1 / top-5 as zeroshot_cifar100/top1, .../top5) at every evaluation.
+
+Reading needs `pip install 'vljax[tfds]'` (no TensorFlow). Prepare the datasets once, as
+array_record (TFDS's coco_captions builder needs TensorFlow to prepare, not to read):
+
+  tfds build coco_captions cifar100 --data_dir=/data/tfds --file_format=array_record
+  python experiments/main.py --config=clip_b16_coco.py --workdir=gs://bucket/clip_b16_coco \
+      --config.data.tfds_data_dir=/data/tfds --config.data.tokenizer=/data/spm.model
+
+config.data.tokenizer must name a sentencepiece model with clip_b16's 49,408-token vocabulary
+(the default, the shapes world tokenizer, knows no COCO words). Each COCO record has about five
+captions; record i is paired with caption i % count. Zero-shot class names come from CIFAR-100's
+ClassLabel ("aquarium_fish" -> "aquarium fish"); imagenet2012 names its classes by WordNet id, so
+an ImageNet entry needs `class_names` (a list or a text file, one name a line), e.g.
+
+  c.evals.tfds_zeroshot.imagenet = dict(name="imagenet2012", split="validation",
+                                        class_names="/data/imagenet_classnames.txt")
+"""
+from vljax.train.config import load_config
+
+
+def get_config():
+  c = load_config("clip_b16.py")
+  c.data.update(dict(
+      source="tfds",
+      tfds_name="coco_captions/2014",  # Karpathy splits: train, val, test, restval
+      tfds_split="train+restval",  # ~113k images, the usual COCO retrieval training set
+      tfds_data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      tfds_image_key="image",
+      tfds_caption_key="captions/text",
+  ))
+  c.evals = dict(
+      tfds_zeroshot=dict(
+          cifar100=dict(split="test"),  # class names and templates from the defaults
+      ),
+  )
+  return c
