@@ -71,7 +71,7 @@ class ConvStem(nn.Module):
       raise ValueError(f"a conv stem needs a power-of-two patch size, got {self.patch_size}")
     x = images_bhwc
     for i in range(num_convs):
-      channels = max(self.width // 2 ** (num_convs - i), 8)
+      channels = max(self.width // 2 ** (num_convs - 1 - i), 8)
       x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", use_bias=False, dtype=self.dtype,
                   param_dtype=self.param_dtype,
                   kernel_init=partitioned(nn.initializers.he_normal(), (None, None, None, None)),
