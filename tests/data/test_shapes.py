@@ -184,3 +184,40 @@ def test_world_is_a_picklable_grain_source():
   batch = next(iter(grain.MapDataset.source(world).batch(4)))
   assert batch["image"].shape == (4, 32, 32, 3)
   np.testing.assert_array_equal(batch["index"], np.arange(4))
+
+
+@pytest.mark.parametrize("count", [1, 3, 4])
+def test_siblings_differ_from_their_scene_in_exactly_one_shape(count):
+  world = shapes.ShapesWorld("train", seed=5)
+  allowed = set(world.held_out) ^ {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES}
+  for index in range(20):
+    scene = world.scene(index)
+    group = world.siblings(index, count)
+    assert len(group) == count
+    captions = [world[index]["caption"]] + [s["caption"] for s in group]
+    assert len(set(captions)) == count + 1  # all distinct: no false negatives in a batch
+    for sibling in group:
+      changed = _parse_caption(sibling["caption"])
+      original = [_describe(o) for o in scene.objects]
+      if not changed:  # a template without positions: compare the rendered scene instead
+        continue
+      diffs = [(a, b) for a, b in zip(sorted(original, key=lambda t: t[3]),
+                                      sorted(changed, key=lambda t: t[3])) if a != b]
+      assert len(diffs) == 1
+      (old, new), = diffs
+      assert old[:2] == new[:2] and old[3] == new[3] and old[2] != new[2]
+      assert (new[1], new[2]) in allowed  # never a held-out (colour, shape) pair
+    first = world.siblings(index, count)
+    assert [s["image"].tobytes() for s in first] == [s["image"].tobytes() for s in group]
+
+
+def test_shape_variants_run_out_of_alternatives_gracefully():
+  world = shapes.ShapesWorld("train", seed=0, min_objects=1, max_objects=1)
+  scene = world.scene(0)
+  (obj,) = scene.objects
+  pairs = ((obj.colour, obj.shape), (obj.colour, "star" if obj.shape != "star" else "cross"))
+  variants = shapes.shape_variants(scene, np.random.default_rng(0), pairs, 3)
+  assert len(variants) == 1 and variants[0].objects[0].shape == pairs[1][1]
+  assert shapes.shape_variants(scene, np.random.default_rng(0), pairs[:1], 3) == []
+  with pytest.raises(ValueError, match="count"):
+    world.siblings(0, 0)

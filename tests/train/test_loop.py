@@ -118,7 +118,7 @@ def test_coca_family_trains_evaluates_and_draws(tmp_path):
   config.model = dict(name="coca", image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
                       width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
                       num_caption_queries=4)
-  config.data = dict(image_size=32, max_text_len=17, text_bos=True, shape_siblings=True)
+  config.data = dict(image_size=32, max_text_len=17, text_bos=True, shape_siblings=1)
   config.evals = dict(zeroshot_images=48, retrieval_pairs=16, captioning_images=8, batch_size=8,
                       sample_images=4)
   workdir = str(tmp_path / "coca")

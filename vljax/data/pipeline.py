@@ -48,7 +48,7 @@ DATA_DEFAULTS = dict(
     world_seed=0,
     min_objects=1,
     max_objects=3,
-    shape_siblings=False,  # pair every training scene with a shape-changed sibling (hard negative)
+    shape_siblings=0,  # k: each training scene comes with k shape-changed copies (hard negatives)
     num_train_examples=100_000,
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
@@ -134,28 +134,29 @@ class TokenizeCaption(grain.transforms.Map):
     if "error" in example:  # a bad record: passed on for SkipBadAndBatch to drop and count
       return example
     captions = example["caption"]
-    paired = not isinstance(captions, str)  # a scene and its sibling (see AddSibling)
-    tokens = self.tokenizer.encode(list(captions) if paired else [captions], self.max_len,
+    grouped = not isinstance(captions, str)  # a scene and its siblings (see AddSiblings)
+    tokens = self.tokenizer.encode(list(captions) if grouped else [captions], self.max_len,
                                    bos=self.bos, eos=self.eos)
-    return {"image": example["image"], "text": tokens if paired else tokens[0],
+    return {"image": example["image"], "text": tokens if grouped else tokens[0],
             "label": np.asarray(example.get("label", -1), np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
-class AddSibling(grain.transforms.Map):
-  """Example -> the example and its shape-changed sibling, stacked on a new leading axis of 2."""
+class AddSiblings(grain.transforms.Map):
+  """Example -> the example and `count` shape-changed siblings, stacked on a new leading axis."""
 
   world: ShapesWorld
+  count: int
 
   def map(self, example: dict) -> dict:
-    sibling = self.world.sibling(example["index"])
-    return {"image": np.stack([example["image"], sibling["image"]]),
-            "caption": [example["caption"], sibling["caption"]],
-            "label": np.array([example["label"], sibling["label"]])}
+    group = [example] + self.world.siblings(example["index"], self.count)
+    return {"image": np.stack([e["image"] for e in group]),
+            "caption": [e["caption"] for e in group],
+            "label": np.array([e["label"] for e in group])}
 
 
-def _merge_pairs(batch: dict) -> dict:
-  """[b/2, 2, ...] batches of (scene, sibling) pairs -> [b, ...], siblings adjacent."""
+def _merge_groups(batch: dict) -> dict:
+  """[b / g, g, ...] batches of (scene, siblings...) groups -> [b, ...], each group adjacent."""
   return {k: v.reshape((-1,) + v.shape[2:]) if k not in (SKIPPED, SKIPPED_KEYS) else v
           for k, v in batch.items()}
 
@@ -173,18 +174,19 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(source).repeat().shuffle(seed=seed)
   ds = ds[process_index::process_count]
+  group = 1 + cfg.shape_siblings
   if cfg.shape_siblings:
     if not isinstance(source, ShapesWorld):
       raise ValueError("config.data.shape_siblings needs the shapes world source")
-    if local_batch % 2:
-      raise ValueError(f"config.data.shape_siblings needs an even per-process batch, got {local_batch}")
-    ds = ds.map(AddSibling(source))
+    if cfg.shape_siblings < 0 or local_batch % group:
+      raise ValueError(f"config.data.shape_siblings={cfg.shape_siblings} needs a per-process batch "
+                       f"divisible by {group} (a scene and its siblings), got {local_batch}")
+    ds = ds.map(AddSiblings(source, cfg.shape_siblings))
   ds = ds.map(TokenizeCaption(tokenizer, cfg.max_text_len, cfg.text_bos, cfg.text_eos))
-  pairs = 2 if cfg.shape_siblings else 1
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  it_ds = SkipBadAndBatch(it_ds, local_batch // pairs, max_keys=local_batch)
+  it_ds = SkipBadAndBatch(it_ds, local_batch // group, max_keys=local_batch)
   if cfg.shape_siblings:
-    it_ds = it_ds.map(_merge_pairs)
+    it_ds = it_ds.map(_merge_groups)
   if cfg.workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
                                                            per_worker_buffer_size=cfg.prefetch))

@@ -141,23 +141,27 @@ def sample_scene(rng: np.random.Generator, *, index: int, split: str, num_object
   return Scene(objects=tuple(objects), index=index, split=split)
 
 
-def change_one_shape(scene: Scene, rng: np.random.Generator,
-                     pairs: tuple[tuple[str, str], ...]) -> Scene:
-  """The same scene with one object's shape replaced by another allowed shape of its colour.
+def shape_variants(scene: Scene, rng: np.random.Generator, pairs: tuple[tuple[str, str], ...],
+                   count: int) -> list[Scene]:
+  """Up to `count` distinct copies of `scene`, each with one object's shape replaced by another
+  allowed shape of its colour.
 
-  A counterfactual sibling: in one batch with its original it is a hard negative that only
-  shape tells apart (as NegCLIP's swapped captions, Yuksekgonul et al. 2023). Scenes whose
-  objects have no alternative shape are returned unchanged.
+  Counterfactual siblings: in one batch with the original they are hard negatives that only shape
+  tells apart (as NegCLIP's swapped captions, Yuksekgonul et al. 2023). One object, drawn at
+  random, takes as many different new shapes as it allows, then the next object, and so on; a
+  scene with fewer alternatives than `count` yields fewer variants (none if no object has one).
   """
-  order = rng.permutation(len(scene.objects))
-  for i in order:
+  variants = []
+  for i in rng.permutation(len(scene.objects)):
     obj = scene.objects[i]
     options = [shape for colour, shape in pairs if colour == obj.colour and shape != obj.shape]
-    if options:
-      new = dataclasses.replace(obj, shape=options[int(rng.integers(len(options)))])
-      objects = scene.objects[:i] + (new,) + scene.objects[i + 1:]
-      return dataclasses.replace(scene, objects=objects)
-  return scene
+    take = min(count - len(variants), len(options))
+    for j in rng.choice(len(options), size=take, replace=False):
+      new = dataclasses.replace(obj, shape=options[int(j)])
+      variants.append(dataclasses.replace(scene, objects=scene.objects[:i] + (new,) + scene.objects[i + 1:]))
+    if len(variants) == count:
+      break
+  return variants
 
 
 def object_centre(obj: ShapeObject, image_size: int) -> tuple[float, float]:
@@ -301,21 +305,21 @@ class ShapesWorld:
         "index": scene.index,
     }
 
-  def sibling(self, index: SupportsIndex) -> dict[str, Any]:
-    """Example `index` with one object's shape changed (see `change_one_shape`), captioned with
-    the same template; deterministic in (seed, split, index)."""
+  def siblings(self, index: SupportsIndex, count: int) -> list[dict[str, Any]]:
+    """`count` shape-changed copies of example `index` (see `shape_variants`), captioned with the
+    same template; deterministic in (seed, split, index, count). A scene with too few alternative
+    shapes repeats its last variant (or itself), so the count is always `count`."""
     from vljax.data import views  # pylint: disable=import-outside-toplevel
 
+    if count < 1:
+      raise ValueError(f"count must be >= 1, got {count}")
     scene = self.scene(index)
     rng = np.random.default_rng(np.random.SeedSequence(
         [self.seed, split_seed_id(self.split), scene.index, 1]))
-    scene = change_one_shape(scene, rng, self._pairs)
-    return {
-        "image": self.render(scene),
-        "caption": views.caption(scene, variant=scene.index),
-        "label": views.label(scene),
-        "index": scene.index,
-    }
+    variants = shape_variants(scene, rng, self._pairs, count) or [scene]
+    variants += variants[-1:] * (count - len(variants))
+    return [{"image": self.render(v), "caption": views.caption(v, variant=scene.index),
+             "label": views.label(v), "index": scene.index} for v in variants]
 
   def __getitem__(self, index: SupportsIndex) -> dict[str, Any]:
     return self.example(index)
