@@ -54,7 +54,7 @@ def write_shards(directory, num_good: int = 22, bad: bool = True) -> tuple[str, 
 
 
 def webdataset_config(pattern, **changes):
-  config = tiny_config(total_steps=8, log_every=4, checkpoint_every=4, **changes)
+  config = tiny_config(**{"total_steps": 8, "log_every": 4, "checkpoint_every": 4, **changes})
   config.data["source"] = "webdataset"
   config.data["shards"] = pattern
   config.data["min_records_before_check"] = 10_000  # the planted fraction is far above 5%
@@ -78,3 +78,21 @@ def test_too_many_bad_records_stop_the_run(tmp_path):
   config.data["min_records_before_check"] = 20
   with pytest.raises(TooManyBadRecordsError, match="max_bad_fraction"):
     train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_bad_record_counts_survive_a_resume(tmp_path):
+  """The counts are checkpointed with the iterator: a run stopped at step 4 and resumed reports
+  what the uninterrupted run reports."""
+  pattern, num_bad = write_shards(str(tmp_path))
+  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+  train_and_evaluate(webdataset_config(pattern), whole)
+  train_and_evaluate(webdataset_config(pattern, total_steps=4), split)
+  train_and_evaluate(webdataset_config(pattern), split)  # resumes from step 4
+
+  def counts(workdir):
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [(r["step"], r["data/skipped"], r["data/bad_records"]) for r in records
+            if "data/skipped" in r]
+
+  assert counts(split)[-1] == counts(whole)[-1]
+  assert counts(whole)[-1][2] == num_bad and counts(whole)[-1][1] > num_bad

@@ -8,6 +8,7 @@ usually means broken shards or a wrong caption key rather than a few corrupt dow
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -113,7 +114,8 @@ class BadRecordCounter:
   """Counts good and bad records over a run and raises when too many are bad.
 
   The check waits for `min_records` records so that one corrupt record early in the run does not
-  stop it. Counts live in this process only; after a resume they start again from zero.
+  stop it. Counts are this process's; `get_state` / `set_state` carry them through a checkpoint
+  (see `InputState`), so a resumed run goes on counting where it stopped.
   """
 
   MAX_DISTINCT = 100_000  # distinct bad keys remembered (a bound on memory)
@@ -150,6 +152,15 @@ class BadRecordCounter:
           f"max_bad_fraction={self.max_bad_fraction:.2%}; first bad keys: "
           f"{', '.join(self.first_bad_keys) or '(none recorded)'}")
 
+  def get_state(self) -> dict[str, Any]:
+    return {"total": self.total, "bad": self.bad, "first_bad_keys": list(self.first_bad_keys),
+            "distinct_bad_keys": sorted(self.distinct_bad_keys)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.total, self.bad = int(state["total"]), int(state["bad"])
+    self.first_bad_keys = [str(k) for k in state["first_bad_keys"]]
+    self.distinct_bad_keys = {str(k) for k in state["distinct_bad_keys"]}
+
   def observe(self, batch: Mapping[str, Any]) -> dict[str, Any]:
     """Counts a `SkipBadAndBatch` batch and returns it without the bookkeeping fields."""
     arrays = {k: v for k, v in batch.items() if k not in (SKIPPED, SKIPPED_KEYS)}
@@ -157,3 +168,33 @@ class BadRecordCounter:
     skipped = int(batch[SKIPPED])
     self.update(skipped, good + skipped, batch.get(SKIPPED_KEYS, ()))
     return arrays
+
+
+class InputState:
+  """A process's whole input state for a checkpoint: the grain iterator's position and the
+  bad-record counts, so that a resumed run reads the same examples and reports the same counts.
+
+  Has the interface grain's orbax checkpoint handler expects of a non-dataset iterator (state as
+  JSON bytes, `start_prefetch`); each process writes its own file. A state written before the
+  counts were saved (the iterator's state alone) restores the position and leaves counts at zero.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator, counter: BadRecordCounter):
+    self.iterator, self.counter = iterator, counter
+
+  def get_state(self) -> bytes:
+    return json.dumps({"iterator": self.iterator.get_state(),
+                       "bad_records": self.counter.get_state()}, indent=1).encode()
+
+  def set_state(self, state: bytes) -> None:
+    decoded = json.loads(state)
+    if set(decoded) == {"iterator", "bad_records"}:
+      self.iterator.set_state(decoded["iterator"])
+      self.counter.set_state(decoded["bad_records"])
+    else:
+      self.iterator.set_state(decoded)
+
+  def start_prefetch(self) -> None:
+    start = getattr(self.iterator, "start_prefetch", None)
+    if start is not None:
+      start()

@@ -21,6 +21,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from vljax.data.batching import InputState
 from vljax.data.pipeline import (bad_record_counter, build_tokenizer, data_config, global_batch,
                                  require_source, train_iterator)
 from vljax.evals.pictures import plot_curves, plot_samples
@@ -222,10 +223,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_it = train_iterator(exp.data_cfg, exp.tokenizer, seed=config.seed,
                              global_batch_size=config.batch_size,
                              process_index=jax.process_index(), process_count=jax.process_count())
+    bad_records = bad_record_counter(exp.data_cfg)
+    inputs = InputState(data_it, bad_records)  # checkpointed with the model
     start = checkpointer.latest_step()
     if start is not None:
       log.info("Resuming from the checkpoint at step %d in %s", start, checkpointer.directory)
-      state = checkpointer.restore(start, exp.abstract_state, exp.shardings, data_it)
+      state = checkpointer.restore(start, exp.abstract_state, exp.shardings, inputs)
     else:
       start = 0
       state = exp.init()
@@ -238,7 +241,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
       return metrics
 
-    bad_records = bad_record_counter(exp.data_cfg)
     preemption = PreemptionWatcher()
     progress = Progress(config.total_steps, start, enabled=is_main)
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
@@ -266,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           progress.update(step)
           pending, t_window = [], time.time()
       if (saving or stopping) and step != config.total_steps:
-        checkpointer.save(step, state, data_it)
+        checkpointer.save(step, state, inputs)
       if stopping:
         log.warning("Stop requested (SIGTERM): saved the checkpoint of step %d; rerun the same "
                     "command to resume.", step)
@@ -278,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluate(step)
     preemption.restore()
     if start < config.total_steps:
-      checkpointer.save(config.total_steps, state, data_it)
+      checkpointer.save(config.total_steps, state, inputs)
     final = evaluate(config.total_steps)
     images, lines = evaluation.samples(state.params)  # every process joins the computation
     if is_main:
