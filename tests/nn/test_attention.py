@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vljax.nn import MultiHeadAttention, causal_mask, padding_mask, sincos_1d, sincos_2d, Transformer
+from vljax.sharding import DEFAULT_RULES, make_mesh
 
 
 def _numpy_mha(params, x_q, x_kv, mask):
@@ -90,3 +92,17 @@ def test_sincos_tables():
   omega2 = 1 / 10_000 ** (np.arange(2) / 2)
   np.testing.assert_allclose(grid[5], np.concatenate([np.sin(2 * omega2), np.cos(2 * omega2),
                                                       np.sin(1 * omega2), np.cos(1 * omega2)]), rtol=1e-6)
+
+
+def test_boxed_parameters_initialise_under_a_mesh():
+  """Under `jax.set_mesh`, the [embed, heads, kv] kernels (which nn.DenseGeneral initialises
+  flat, google/flax#3676) and shapes from eval_shape unbox, and init shards by the rules."""
+  mesh = make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
+  attention = MultiHeadAttention(num_heads=2)
+  x = jnp.ones((8, 4, 16))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    shapes = nn.meta.unbox(jax.eval_shape(attention.init, jax.random.key(0), x))["params"]
+    params = jax.jit(lambda key: nn.meta.unbox(attention.init(key, x)))(jax.random.key(0))["params"]
+  assert shapes["query"]["kernel"].shape == params["query"]["kernel"].shape == (16, 2, 8)
+  assert params["query"]["kernel"].sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp")), 3)
+  assert params["out"]["kernel"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "fsdp")), 3)

@@ -3,10 +3,15 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.train.helpers import tiny_config
-from vljax.train.dry_run import dry_run
+from vljax.nn import constrain
+from vljax.train.dry_run import abstract_inputs, dry_run
+from vljax.train.loop import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,3 +50,31 @@ def test_main_dry_run_and_missing_data_source():
                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
   assert proc.returncode != 0
   assert "config.data.source" in proc.stderr + proc.stdout
+
+
+def test_train_step_keeps_one_batch_shard_per_device():
+  """Activations stay split over ("data", "fsdp") like the batch inside the compiled step.
+
+  Regression: the experiment context entered the mesh with `with mesh:`, which no longer sets
+  the context mesh that `nn.with_logical_constraint` reads (JAX 0.10), so every activation
+  constraint was a silent no-op and XLA gathered the whole batch onto each fsdp device (the
+  coca_large dry run: 1160 GiB of temporaries per device instead of 93).
+  """
+  config = tiny_config(batch_size=16, family="coca", mesh=[("data", 1), ("fsdp", 8), ("tensor", 1)])
+  config.model = dict(name="coca", width=32, num_heads=2, mlp_dim=64, unimodal_depth=1,
+                      multimodal_depth=1, num_caption_queries=4, scan=True, remat="dots_no_batch",
+                      image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
+                                 scan=True, remat="dots_no_batch"))
+  config.data = dict(image_size=32, max_text_len=17, text_bos=True)
+  exp = build_experiment(config)
+  batch, length, vocab = config.batch_size, config.data["max_text_len"] - 1, exp.tokenizer.vocab_size
+  with exp.context():
+    pin = jax.jit(lambda x: constrain(x, ("batch", "seq", "act_embed")))
+    sharding = pin.lower(jax.ShapeDtypeStruct((batch, 4, 8), jnp.float32)).compile().output_shardings
+    assert sharding.is_equivalent_to(NamedSharding(exp.mesh, P(("data", "fsdp"))), 3), sharding
+    # LLVM optimisation does not change the buffers; level 0 halves the compile time.
+    hlo = exp.train_step.lower(*abstract_inputs(exp)).compile(
+        {"xla_backend_optimization_level": 0}).as_text()
+  # The per-device program computes the captioning logits of its batch / 8 examples only.
+  assert f"[{batch // 8},{length},{vocab}]" in hlo
+  assert f"[{batch},{length},{vocab}]" not in hlo

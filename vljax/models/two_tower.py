@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from vljax.models.text import TextTransformer
 from vljax.models.vit import ViT
+from vljax.nn import partitioned
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -49,9 +50,9 @@ class TwoTower(nn.Module):
     t_init = self.temperature_init
     if t_init is None:
       t_init = math.log(10.0) if self.loss == "sigmoid" else math.log(1 / 0.07)
-    self.t_prime = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(t_init), ()), ())
+    self.t_prime = self.param("t", partitioned(nn.initializers.constant(t_init), ()), ())
     if self.loss == "sigmoid":
-      self.bias = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), ()), ())
+      self.bias = self.param("b", partitioned(nn.initializers.constant(self.bias_init), ()), ())
 
   def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None, train: bool = False):
     aux: dict[str, jax.Array] = {}

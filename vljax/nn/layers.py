@@ -6,6 +6,7 @@ act_heads` for activations. Only the config decides which mesh axis each name ma
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -18,13 +19,34 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.xavier_uniform()
 
 
+class LogicalBox(nn.LogicallyPartitioned):
+  """`nn.LogicallyPartitioned` whose `unbox` constrains only arrays of the names' rank.
+
+  Under a mesh, flax's box constrains whatever it holds, which fails for shapes
+  (`nn.meta.unbox(jax.eval_shape(init, ...))`) and for the flat [D, H * K] kernel that
+  `nn.DenseGeneral` initialises, unboxes and only then reshapes to [D, H, K] (google/flax#3676).
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    if not isinstance(self.value, jax.Array) or self.value.ndim != len(self.names):
+      apply_constraint = False
+    return super().unbox(apply_constraint)
+
+
 def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
   """An initialiser whose parameter is boxed with logical axis names."""
-  return nn.with_logical_partitioning(init, tuple(names))
+  names = tuple(names)
+
+  @functools.wraps(init)
+  def boxed_init(*args, **kwargs) -> LogicalBox:
+    return LogicalBox(init(*args, **kwargs), names)
+
+  return boxed_init
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Pins an activation's sharding by logical names (a no-op outside a mesh / rules context)."""
+  """Pins an activation's sharding by logical names. A no-op unless both a mesh is set with
+  `jax.set_mesh` (a bare `with mesh:` does not set it) and rules with `nn.logical_axis_rules`."""
   return nn.with_logical_constraint(x, tuple(names))
 
 

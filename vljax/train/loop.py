@@ -122,7 +122,7 @@ class _MeshContext:
     self._stack = []
 
   def __enter__(self):
-    for cm in (self.mesh, nn.logical_axis_rules(self.rules)):
+    for cm in (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
       cm.__enter__()
       self._stack.append(cm)
     return self
