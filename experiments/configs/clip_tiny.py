@@ -22,7 +22,7 @@ def get_config():
       loss="softmax",
   )
   c.data = dict(image_size=48, max_text_len=32, shape_siblings=1)
-  c.optim.lr = 1.5e-3
+  c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 1e-4
   return c

@@ -3,8 +3,9 @@
   python experiments/main.py --workdir=workdirs/coca_tiny
   python experiments/main.py --config=coca_tiny.py --workdir=workdirs/coca_tiny
 
-Image ViT 128 wide, 3 layers, patch 8 on 64px scenes; attentional poolers (1 contrastive query,
-16 captioning queries); unimodal and multimodal text decoders of 1 layer each, 128 wide.
+Image ViT 128 wide, 3 layers, conv stem to patch 8 on 48px scenes; attentional poolers (1
+contrastive query, 16 captioning queries); unimodal and multimodal text decoders of 1 layer each,
+128 wide.
 Loss = 1 * contrastive + 2 * captioning, as the paper.
 """
 from vljax.train.config import base_config
@@ -28,7 +29,7 @@ def get_config():
   c.data = dict(image_size=48, max_text_len=33, text_bos=True, shape_siblings=1)
   c.loss.contrastive_weight = 1.0
   c.loss.caption_weight = 2.0
-  c.optim.lr = 1.5e-3
+  c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.evals = dict(captioning_images=200)
   return c

@@ -15,4 +15,5 @@ def get_config():
   c.model.max_scale = None  # SigLIP does not clamp the scale
   c.model.text.causal = False
   c.model.text.pool = "eot"  # the last real token (EOS); padding is masked out
+  c.optim.lr = 6e-4  # the sigmoid loss learned best at a lower rate than the softmax here
   return c
