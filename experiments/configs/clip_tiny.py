@@ -8,10 +8,10 @@ from vljax.train.config import base_config
 def get_config():
   c = base_config()
   c.family = "two_tower"
-  c.total_steps = 900
+  c.total_steps = 1050
   c.batch_size = 64
   c.log_every = 50
-  c.eval_every = 450
+  c.eval_every = 525
   c.checkpoint_every = 300
   c.model = dict(
       name="two_tower",
