@@ -50,7 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
   c.optim.weight_decay = 1e-4
-  c.optim.wd_exclude = r"(bias|scale|pos_embedding|cls|probe|/t$|/b$)"  # regex on param paths
+  # Regexes match whole parameter paths ("img/encoder/layer_0/mlp/fc1/bias").
+  c.optim.wd_exclude = r"(.*/)?(bias|scale|pos_embedding|cls|probe|t|b)"  # no weight decay
+  # ((regex, factor), ...): those parameters' updates are scaled by factor (as big_vision's
+  # lr_mults), e.g. (("t|b", 10.0),) lets a short run move the contrastive scale and bias.
+  c.optim.lr_multipliers = ()
   c.optim.grad_clip_norm = 1.0
   c.optim.freeze = ""  # regex on param paths ("img/.*" locks the image tower, as LiT)
 

@@ -1,5 +1,5 @@
-"""Optimizers: AdamW with warm-up + decay schedules, global-norm clipping, a weight-decay mask
-and freezing by parameter path.
+"""Optimizers: AdamW with warm-up + decay schedules, global-norm clipping, a weight-decay mask,
+learning-rate multipliers and freezing by parameter path.
 
 Frozen parameters (e.g. LiT's locked image tower, `config.optim.freeze = "img/.*"`) get no
 gradient (they enter the loss through `stop_gradient`, so autodiff never differentiates
@@ -60,6 +60,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                   mask=decay_mask),
   )
+  for pattern, factor in cfg.lr_multipliers:
+    mask = path_mask(params, pattern)
+    if not any(jax.tree.leaves(mask)):
+      raise ValueError(f"config.optim.lr_multipliers pattern {pattern!r} matches no parameter path")
+    inner = optax.chain(inner, optax.masked(optax.scale(float(factor)), mask))
   frozen = path_mask(params, cfg.freeze)
   if cfg.freeze and not any(jax.tree.leaves(frozen)):
     raise ValueError(f"config.optim.freeze={cfg.freeze!r} matches no parameter path; paths look "
