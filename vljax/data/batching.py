@@ -175,8 +175,7 @@ class InputState:
   bad-record counts, so that a resumed run reads the same examples and reports the same counts.
 
   Has the interface grain's orbax checkpoint handler expects of a non-dataset iterator (state as
-  JSON bytes, `start_prefetch`); each process writes its own file. A state written before the
-  counts were saved (the iterator's state alone) restores the position and leaves counts at zero.
+  JSON bytes, `start_prefetch`); each process writes its own file.
   """
 
   def __init__(self, iterator: grain.DatasetIterator, counter: BadRecordCounter):
@@ -188,11 +187,8 @@ class InputState:
 
   def set_state(self, state: bytes) -> None:
     decoded = json.loads(state)
-    if set(decoded) == {"iterator", "bad_records"}:
-      self.iterator.set_state(decoded["iterator"])
-      self.counter.set_state(decoded["bad_records"])
-    else:
-      self.iterator.set_state(decoded)
+    self.iterator.set_state(decoded["iterator"])
+    self.counter.set_state(decoded["bad_records"])
 
   def start_prefetch(self) -> None:
     start = getattr(self.iterator, "start_prefetch", None)

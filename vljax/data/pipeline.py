@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from vljax.data.batching import SKIPPED, SKIPPED_KEYS, BadRecordCounter, SkipBadAndBatch
 from vljax.data.shapes import ShapesWorld
-from vljax.data.tfds import TfdsFeatureError, TfdsSource
+from vljax.data.tfds import TfdsSource, open_tfds_source
 from vljax.data.webdataset import WebDatasetSource
 from vljax.data.tokenizer import Tokenizer, shapes_tokenizer
 from vljax.sharding import batch_sharding
@@ -83,6 +83,11 @@ def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
   return Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else shapes_tokenizer()
 
 
+def encode_texts(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, texts) -> np.ndarray:
+  """Texts -> int32 [n, max_text_len], with the BOS / EOS the training captions get."""
+  return tokenizer.encode(list(texts), cfg.max_text_len, bos=cfg.text_bos, eos=cfg.text_eos)
+
+
 def tfds_source(cfg: ml_collections.ConfigDict) -> TfdsSource:
   """The TFDS training source that `cfg.tfds_*` describe; errors name the config field."""
   if not cfg.tfds_name:
@@ -90,15 +95,12 @@ def tfds_source(cfg: ml_collections.ConfigDict) -> TfdsSource:
   if not cfg.tfds_caption_key:
     raise ValueError("config.data.source='tfds' needs config.data.tfds_caption_key (e.g. "
                      "'captions/text'): training pairs images with captions")
-  try:
-    return TfdsSource(cfg.tfds_name, split=cfg.tfds_split, data_dir=cfg.tfds_data_dir or None,
-                      image_size=cfg.image_size, image_key=cfg.tfds_image_key,
-                      caption_key=cfg.tfds_caption_key, label_key=cfg.tfds_label_key or None,
-                      download=cfg.tfds_download)
-  except TfdsFeatureError as e:
-    raise ValueError(f"config.data.tfds_{e.argument}={e.path!r} {e.detail}") from e
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"config.data.tfds_name / tfds_data_dir / tfds_download: {e}") from e
+  return open_tfds_source(
+      lambda argument: f"config.data.tfds_{argument}",
+      "config.data.tfds_name / tfds_data_dir / tfds_download", cfg.tfds_name,
+      split=cfg.tfds_split, data_dir=cfg.tfds_data_dir or None, image_size=cfg.image_size,
+      image_key=cfg.tfds_image_key, caption_key=cfg.tfds_caption_key,
+      label_key=cfg.tfds_label_key or None, download=cfg.tfds_download)
 
 
 def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):

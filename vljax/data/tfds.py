@@ -20,7 +20,7 @@ come back as `{"error": reason, "key": key}` instead of raising, so that
 from __future__ import annotations
 
 import operator
-from typing import Any, SupportsIndex
+from typing import Any, Callable, SupportsIndex
 
 import numpy as np
 from PIL import Image
@@ -189,9 +189,15 @@ class TfdsSource:
         raise TfdsFeatureError("label_key", label_key, "is a sequence; a record needs one label")
       self._label_path = tuple(label_key.split("/"))
 
+    stored = self.info.available_file_formats()
+    if not stored & set(tfds.core.FileFormat.with_random_access()):
+      raise ValueError(
+          f"TFDS dataset {name!r} is stored as {', '.join(sorted(f.value for f in stored)) or '?'}"
+          f", which has no random access; prepare it again with `tfds build "
+          f"{name.partition(':')[0]} --file_format=array_record`")
     try:
       self._source = builder.as_data_source(split=split, decoders=decoders)
-    except (ValueError, NotImplementedError) as e:  # unknown split, not stored as array_record
+    except ValueError as e:  # e.g. an unknown split
       raise ValueError(f"TFDS dataset {name!r}, split {split!r}: {e}") from e
 
   def __len__(self) -> int:
@@ -229,3 +235,15 @@ class TfdsSource:
       return {"error": image, "key": key}
     example["image"] = image
     return example
+
+
+def open_tfds_source(field: Callable[[str], str], where: str, name: str, **kwargs) -> TfdsSource:
+  """`TfdsSource(name, **kwargs)` with its errors restated in the caller's config terms:
+  `field(argument)` names the config field behind "image_key" / "caption_key" / "label_key", and
+  `where` the fields behind the dataset's name and location."""
+  try:
+    return TfdsSource(name, **kwargs)
+  except TfdsFeatureError as e:
+    raise ValueError(f"{field(e.argument)}={e.path!r} {e.detail}") from e
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{where}: {e}") from e

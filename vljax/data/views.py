@@ -120,7 +120,7 @@ CAPTION_TEMPLATES: tuple[Callable[[shapes.Scene], str], ...] = (
 # Captions of the first FULL_CAPTION_TEMPLATES templates state every attribute; the others leave
 # out positions (and sizes), so a model must also know "a red circle" wherever and however large
 # it is: what a class-name prompt asks in zero-shot classification.
-FULL_CAPTION_TEMPLATES = 7
+FULL_CAPTION_TEMPLATES = CAPTION_TEMPLATES.index(_what_only)
 NUM_CAPTION_TEMPLATES = len(CAPTION_TEMPLATES)
 
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from vljax.data import views
-from vljax.data.pipeline import make_source
+from vljax.data.pipeline import encode_texts, make_source
 from vljax.data.tokenizer import Tokenizer
 from vljax.evals.retrieval import retrieval_metrics
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
@@ -46,8 +46,7 @@ class ImageTextEvaluator:
     self.rt_captions = [e["caption"] for e in pairs]
 
   def tokenize(self, texts: list[str]) -> np.ndarray:
-    return self.tokenizer.encode(texts, self.data_cfg.max_text_len, bos=self.data_cfg.text_bos,
-                                 eos=self.data_cfg.text_eos)
+    return encode_texts(self.data_cfg, self.tokenizer, texts)
 
   def run(self, embed_images: Callable[[np.ndarray], np.ndarray],
           embed_texts: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:

@@ -18,7 +18,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from vljax.data.tfds import TfdsFeatureError, TfdsSource
+from vljax.data.pipeline import encode_texts
+from vljax.data.tfds import open_tfds_source
 from vljax.data.tokenizer import Tokenizer
 from vljax.evals.contrastive import batched
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
@@ -102,15 +103,11 @@ class TfdsZeroShotEvaluator:
     self.spec = zeroshot_specs({key: spec})[key]
     self.data_cfg, self.tokenizer, self.batch_size = data_cfg, tokenizer, batch_size
     name = self.spec.name or key
-    try:
-      self.source = TfdsSource(name, split=self.spec.split,
-                               data_dir=self.spec.data_dir or data_cfg.tfds_data_dir or None,
-                               image_size=data_cfg.image_size, image_key=self.spec.image_key,
-                               caption_key=None, label_key=self.spec.label_key)
-    except TfdsFeatureError as e:
-      raise ValueError(f"{where}.{e.argument}={e.path!r} {e.detail}") from e
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"{where} (name / data_dir): {e}") from e
+    self.source = open_tfds_source(
+        lambda argument: f"{where}.{argument}", f"{where} (name / data_dir)", name,
+        split=self.spec.split, data_dir=self.spec.data_dir or data_cfg.tfds_data_dir or None,
+        image_size=data_cfg.image_size, image_key=self.spec.image_key, caption_key=None,
+        label_key=self.spec.label_key)
     if self.spec.class_names:
       self.class_names = _explicit_class_names(self.spec.class_names, where)
       labels = self.source.label_names
@@ -133,8 +130,7 @@ class TfdsZeroShotEvaluator:
     self.templates = tuple(self.spec.templates) or DEFAULT_TEMPLATES
 
   def tokenize(self, texts: list[str]) -> np.ndarray:
-    return self.tokenizer.encode(texts, self.data_cfg.max_text_len, bos=self.data_cfg.text_bos,
-                                 eos=self.data_cfg.text_eos)
+    return encode_texts(self.data_cfg, self.tokenizer, texts)
 
   def _examples(self):
     """The split's examples (or its first num_images), read and decoded by threads, in order."""

@@ -31,6 +31,15 @@ def path_mask(params: Any, pattern: str) -> Any:
   return jax.tree.map(lambda path: regex.fullmatch(path) is not None, param_paths(params))
 
 
+def required_mask(params: Any, pattern: str, field: str) -> Any:
+  """`path_mask`, raising (naming the config `field`) when the pattern matches no parameter."""
+  mask = path_mask(params, pattern)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f"{field}={pattern!r} matches no parameter path; paths look like "
+                     f"{next(iter(jax.tree.leaves(param_paths(params))))!r}")
+  return mask
+
+
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warm-up to `lr`, then cosine / linear decay to `end_lr_fraction * lr`, or constant."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -61,14 +70,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
                   mask=decay_mask),
   )
   for pattern, factor in cfg.lr_multipliers:
-    mask = path_mask(params, pattern)
-    if not any(jax.tree.leaves(mask)):
-      raise ValueError(f"config.optim.lr_multipliers pattern {pattern!r} matches no parameter path")
+    mask = required_mask(params, pattern, "config.optim.lr_multipliers pattern")
     inner = optax.chain(inner, optax.masked(optax.scale(float(factor)), mask))
-  frozen = path_mask(params, cfg.freeze)
-  if cfg.freeze and not any(jax.tree.leaves(frozen)):
-    raise ValueError(f"config.optim.freeze={cfg.freeze!r} matches no parameter path; paths look "
-                     f"like {next(iter(jax.tree.leaves(param_paths(params))))!r}")
+  frozen = (required_mask(params, cfg.freeze, "config.optim.freeze") if cfg.freeze
+            else path_mask(params, ""))
   labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
   tx = optax.multi_transform({"trained": inner, "frozen": optax.set_to_zero()}, labels)
   return tx, lr, frozen
