@@ -1,6 +1,7 @@
 """WebDataset shards: brace expansion, indexing and decoding, bad records, skip-and-batch."""
 import io
 import json
+import logging
 import pickle
 import tarfile
 
@@ -9,11 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vljax.data.batching import (SKIPPED, SKIPPED_KEYS, BadRecordCounter, SkipBadAndBatch,
-                                 TooManyBadRecordsError)
+from vljax.data.batching import (SKIPPED, SKIPPED_KEYS, SKIPPED_REASONS, BadRecordCounter,
+                                 SkipBadAndBatch, TooManyBadRecordsError)
 from vljax.data.webdataset import WebDatasetSource, expand_braces, split_member_name
 
 RED = (200, 30, 40)
+
+
+def write_tar(path, members, mode: str = "w") -> None:
+  """A tar at `path` of (member name, bytes) pairs."""
+  with tarfile.open(path, mode) as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -104,11 +114,7 @@ def _shards():
 def shard_pattern(tmp_path_factory):
   directory = tmp_path_factory.mktemp("shards")
   for i, members in enumerate(_shards()):
-    with tarfile.open(directory / f"shard-{i:03d}.tar", "w") as tar:
-      for name, data in members:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    write_tar(directory / f"shard-{i:03d}.tar", members)
   return str(directory / "shard-{000..002}.tar")
 
 
@@ -179,6 +185,8 @@ def test_caption_keys_order(shard_pattern):
   source = WebDatasetSource(shard_pattern, caption_keys=("json", "txt"))
   red = next(e for e in map(source.__getitem__, range(len(source))) if e["key"] == "red")
   assert red["caption"] == "ignored"
+  source = WebDatasetSource(shard_pattern, caption_keys="json")  # one key, not "j", "s", ...
+  assert source.caption_keys == ("json",)
 
 
 def test_missing_and_invalid_shards(shard_pattern, tmp_path):
@@ -187,15 +195,85 @@ def test_missing_and_invalid_shards(shard_pattern, tmp_path):
     WebDatasetSource([shard_pattern.replace("{000..002}", "000"), missing])
   not_tar = tmp_path / "junk.tar"
   not_tar.write_bytes(b"hello, this is not a tar archive" * 40)
-  with pytest.raises(ValueError, match="junk.tar"):
+  with pytest.raises(ValueError, match=r"junk\.tar' is not a tar archive"):
     WebDatasetSource(str(not_tar))
-  gz = tmp_path / "packed.tar"
-  with tarfile.open(gz, "w:gz") as tar:
-    info = tarfile.TarInfo("k.txt")
-    info.size = 1
-    tar.addfile(info, io.BytesIO(b"x"))
-  with pytest.raises(ValueError, match="packed.tar.*uncompressed"):
-    WebDatasetSource(str(gz))
+  short = tmp_path / "short.tar"
+  short.write_bytes(b"hello")
+  with pytest.raises(ValueError, match=r"short\.tar' is not a tar archive"):
+    WebDatasetSource(str(short))
+  for mode, kind in (("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")):
+    packed = tmp_path / f"packed-{kind}.tar"
+    write_tar(packed, [("k.txt", b"x")], mode)
+    with pytest.raises(ValueError,
+                       match=rf"packed-{kind}\.tar' is {kind}-compressed; .*uncompressed"):
+      WebDatasetSource(str(packed))
+
+
+def _cut_shard(tmp_path, name: str, keep) -> str:
+  """A copy of a two-record shard cut to `keep(members)` bytes, `members` being
+  {name: (header offset, data offset, size)}."""
+  whole = tmp_path / "whole.tar"
+  write_tar(whole, [("a.png", b"A" * 700), ("a.txt", b"first"), ("b.png", b"B" * 900),
+                    ("b.txt", b"second")])
+  with tarfile.open(whole) as tar:
+    members = {m.name: (m.offset, m.offset_data, m.size) for m in tar}
+  path = tmp_path / name
+  path.write_bytes(whole.read_bytes()[:keep(members)])
+  return str(path)
+
+
+def test_truncated_shards_say_so(tmp_path):
+  cases = {  # where the copy stops -> what the message says
+      "in-data.tar": (lambda m: m["b.png"][1] + 100,
+                      r"member 'b\.png' needs bytes up to \d+ but the file has \d+ bytes"),
+      "in-last-data.tar": (lambda m: m["b.txt"][1] + 3,
+                           r"member 'b\.txt' needs bytes up to \d+ but the file has \d+ bytes"),
+      "in-header.tar": (lambda m: m["b.png"][0] + 200,
+                        r"the tar header after member 'a\.txt' is cut off at byte \d+"),
+      "in-padding.tar": (lambda m: m["b.txt"][1] + 6 + 10,
+                         r"it ends at byte \d+, inside the padding after member 'b\.txt'"),
+      "in-first-header.tar": (lambda m: 300,
+                              r"it ends at byte 300, inside the first member's header"),
+  }
+  for name, (keep, detail) in cases.items():
+    path = _cut_shard(tmp_path, name, keep)
+    with pytest.raises(ValueError, match=rf"shard '.*{name}' is truncated: {detail} "
+                       r"\(an interrupted download or copy\?\)"):
+      WebDatasetSource(path)
+  # Cut within the end-of-archive zero blocks: every member is whole, so it reads normally.
+  path = _cut_shard(tmp_path, "in-end-blocks.tar", lambda m: m["b.txt"][1] + 512 + 100)
+  assert len(WebDatasetSource(path)) == 2
+
+
+def test_damaged_shard_says_so(tmp_path):
+  path = _cut_shard(tmp_path, "damaged.tar", lambda m: 10**6)
+  data = bytearray(open(path, "rb").read())
+  with tarfile.open(path) as tar:
+    header = next(m.offset for m in tar if m.name == "b.png")
+  data[header:header + 512] = b"garbage!" * 64
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(ValueError, match=r"damaged\.tar' is damaged: the bytes at offset \d+, after "
+                     r"member 'a\.txt', are not a tar header"):
+    WebDatasetSource(path)
+
+
+def test_empty_shards(shard_pattern, tmp_path, caplog, monkeypatch):
+  write_tar(tmp_path / "empty-0.tar", [])
+  (tmp_path / "empty-1.tar").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"WebDataset shards '.*empty-\{0\.\.1\}\.tar' hold no "
+                     r"records \(2 empty tar files\): check config\.data\.shards"):
+    WebDatasetSource(str(tmp_path / "empty-{0..1}.tar"))
+  monkeypatch.setattr(logging.getLogger("vljax"), "propagate", True)  # training turns it off
+  with caplog.at_level(logging.WARNING, logger="vljax"):
+    source = WebDatasetSource([shard_pattern, str(tmp_path / "empty-0.tar")])
+  assert len(source) == len(GOOD) + len(BAD)
+  assert "Skipping 1 of 4 WebDataset shards that hold no records" in caplog.text
+  assert "empty-0.tar" in caplog.text
+  first = shard_pattern.replace("{000..002}", "000")
+  with caplog.at_level(logging.WARNING, logger="vljax"):
+    WebDatasetSource([shard_pattern, first])
+  repeated = f"WebDataset shards listed more than once (their records are read as often): {first}"
+  assert repeated in caplog.text
 
 
 def test_source_pickles(shard_pattern):
@@ -225,7 +303,8 @@ def test_skip_bad_and_batch_one_epoch(shard_pattern):
   # Without keep_strings only arrays and the bookkeeping remain; every batch is full.
   batches = list(SkipBadAndBatch(parent, 4))
   assert len(batches) == len(GOOD) // 4
-  assert all(set(b) == {"image", SKIPPED, SKIPPED_KEYS} and len(b["image"]) == 4 for b in batches)
+  assert all(set(b) == {"image", SKIPPED, SKIPPED_KEYS, SKIPPED_REASONS} and len(b["image"]) == 4
+             for b in batches)
 
 
 def test_skip_bad_and_batch_restores_exactly(shard_pattern):

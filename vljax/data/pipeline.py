@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vljax.data.batching import SKIPPED, SKIPPED_KEYS, BadRecordCounter, SkipBadAndBatch
+from vljax.data.batching import BOOKKEEPING, BadRecordCounter, SkipBadAndBatch
 from vljax.data.shapes import ShapesWorld
 from vljax.data.tfds import TfdsSource, open_tfds_source
 from vljax.data.webdataset import WebDatasetSource
@@ -58,6 +58,22 @@ DATA_DEFAULTS = dict(
 
 
 SOURCES = ("shapes", "webdataset", "tfds")
+
+# What to check when a kind of bad record is common, by source: the start of a reason -> advice
+# (see `vljax.data.batching.too_many_bad_message`).
+BAD_RECORD_ADVICE = {
+    "webdataset": {
+        "missing or empty caption": "check config.data.caption_keys / json_caption_field / shards",
+        "no image member": "check config.data.shards (records without an image member)",
+        "cannot decode image": "check the images in config.data.shards (corrupt or not images)",
+        "unsupported image": "check the images in config.data.shards (unusual image modes)",
+    },
+    "tfds": {
+        "missing or empty caption": "check config.data.tfds_caption_key",
+        "cannot": "check config.data.tfds_name / tfds_data_dir (a damaged or mismatched dataset?)",
+        "unsupported image": "check config.data.tfds_image_key",
+    },
+}
 
 
 def data_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -159,7 +175,7 @@ class AddSiblings(grain.transforms.Map):
 
 def _merge_groups(batch: dict) -> dict:
   """[b / g, g, ...] batches of (scene, siblings...) groups -> [b, ...], each group adjacent."""
-  return {k: v.reshape((-1,) + v.shape[2:]) if k not in (SKIPPED, SKIPPED_KEYS) else v
+  return {k: v.reshape((-1,) + v.shape[2:]) if k not in BOOKKEEPING else v
           for k, v in batch.items()}
 
 
@@ -173,6 +189,9 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
   if global_batch_size % process_count:
     raise ValueError(f"batch_size {global_batch_size} is not divisible by {process_count} processes")
   source = make_source(cfg, "train")
+  if len(source) == 0:
+    raise ValueError(f"The training source {source!r} holds no records: check config.data.source "
+                     "and its fields (shards, tfds_name / tfds_split, num_train_examples)")
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(source).repeat().shuffle(seed=seed)
   ds = ds[process_index::process_count]
@@ -186,7 +205,10 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
     ds = ds.map(AddSiblings(source, cfg.shape_siblings))
   ds = ds.map(TokenizeCaption(tokenizer, cfg.max_text_len, cfg.text_bos, cfg.text_eos))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  it_ds = SkipBadAndBatch(it_ds, local_batch // group, max_keys=local_batch)
+  it_ds = SkipBadAndBatch(it_ds, local_batch // group, max_keys=local_batch,
+                         max_bad_fraction=cfg.max_bad_fraction,
+                         min_records=cfg.min_records_before_check,
+                         advice=BAD_RECORD_ADVICE.get(cfg.source))
   if cfg.shape_siblings:
     it_ds = it_ds.map(_merge_groups)
   if cfg.workers > 0:
@@ -196,7 +218,8 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
 
 
 def bad_record_counter(cfg: ml_collections.ConfigDict) -> BadRecordCounter:
-  return BadRecordCounter(cfg.max_bad_fraction, cfg.min_records_before_check)
+  return BadRecordCounter(cfg.max_bad_fraction, cfg.min_records_before_check,
+                          advice=BAD_RECORD_ADVICE.get(cfg.source))
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:

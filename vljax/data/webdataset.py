@@ -12,8 +12,10 @@ so that `vljax.data.batching.SkipBadAndBatch` can skip and count them.
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
+import logging
 import operator
 import os
 import re
@@ -38,6 +40,7 @@ RGB_CONVERTIBLE_MODES: frozenset[str] = frozenset(
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 _NUMERIC_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+log = logging.getLogger("vljax")
 
 
 def _split_top_level(text: str, pattern: str) -> list[str]:
@@ -118,23 +121,67 @@ def split_member_name(name: str) -> tuple[str, str]:
   return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
+# Leading bytes of compressed files (which cannot be read by seeking to a member) -> the format.
+COMPRESSION_MAGIC: dict[bytes, str] = {
+    b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _truncated(path: str, detail: str) -> ValueError:
+  return ValueError(f"WebDataset shard {path!r} is truncated: {detail} (an interrupted download "
+                    "or copy?)")
+
+
 def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-  """[(key, {extension: (data offset, size)})] of a tar shard, in order, from its headers only."""
+  """[(key, {extension: (data offset, size)})] of a tar shard, in order, from its headers only.
+
+  An empty file or tar gives []; a compressed, truncated, damaged or non-tar file raises
+  ValueError saying which it is.
+  """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"WebDataset shard {path!r} does not exist")
+    raise FileNotFoundError(f"WebDataset shard {path!r} does not exist"
+                            + (" (it is a directory)" if os.path.isdir(path) else ""))
+  file_size = os.path.getsize(path)
+  if file_size == 0:
+    return []
+  with open(path, "rb") as f:
+    head = f.read(tarfile.BLOCKSIZE)
+  for magic, kind in COMPRESSION_MAGIC.items():
+    if head.startswith(magic):
+      raise ValueError(f"WebDataset shard {path!r} is {kind}-compressed; WebDataset sources need "
+                       f"uncompressed tar shards, whose members are read by seeking: decompress "
+                       f"it, e.g. `{kind} -dc {path} > uncompressed.tar`")
   records: dict[str, dict[str, tuple[int, int]]] = {}
+  last = None  # the name of the last member read
   try:
-    # "r:" rejects compressed tars: their members cannot be read by seeking.
     with tarfile.open(path, mode="r:") as tar:
       for info in tar:
+        if info.offset_data + info.size > file_size:
+          raise _truncated(path, f"member {info.name!r} needs bytes up to "
+                           f"{info.offset_data + info.size} but the file has {file_size} bytes")
+        last = info.name
         if not info.isfile():
           continue
         key, extension = split_member_name(info.name)
         if not key.rpartition("/")[2] or not extension:
           continue  # hidden files (".DS_Store") and members without an extension
         records.setdefault(key, {})[extension] = (info.offset_data, info.size)
+      # After the first member tarfile ends silently at a header it cannot read; a complete
+      # archive ends with zero blocks instead.
+      tar.fileobj.seek(tar.offset)
+      tail = tar.fileobj.read(tarfile.BLOCKSIZE)
   except tarfile.TarError as e:
-    raise ValueError(f"WebDataset shard {path!r} is not an uncompressed tar archive: {e}") from e
+    if str(e) == "unexpected end of data" or (str(e) == "truncated header"
+                                              and head[257:262] == b"ustar"):
+      where = f"the padding after member {last!r}" if last else "the first member's header"
+      raise _truncated(path, f"it ends at byte {file_size}, inside {where}") from e
+    raise ValueError(f"WebDataset shard {path!r} is not a tar archive ({e})") from e
+  if tail.strip(b"\0"):
+    if len(tail) < tarfile.BLOCKSIZE:
+      raise _truncated(path, f"the tar header after member {last!r} is cut off at byte "
+                       f"{file_size}")
+    raise ValueError(f"WebDataset shard {path!r} is damaged: the bytes at offset {tar.offset}, "
+                     f"after member {last!r}, are not a tar header, so the members after it "
+                     "cannot be read")
   return list(records.items())
 
 
@@ -217,7 +264,8 @@ class WebDatasetSource:
   Implements grain's RandomAccessDataSource protocol. Pickling drops the open files, which are
   reopened on first use, so the source can be sent to grain worker processes. Reads are
   positional (`os.pread`), so threads can share it. Without `image_size` images keep their own
-  size and cannot be batched together.
+  size and cannot be batched together. Shards without records are skipped with a warning; if all
+  are empty it raises ValueError.
   """
 
   def __init__(self, shards: str | Sequence[str], *, image_size: int | None = None,
@@ -225,6 +273,8 @@ class WebDatasetSource:
                exif_transpose: bool = True):
     self.shards: tuple[str, ...] = tuple(expand_braces(shards))
     self.image_size = image_size
+    if isinstance(caption_keys, str):  # one key, not its letters
+      caption_keys = (caption_keys,)
     self.caption_keys = tuple(k.lower() for k in caption_keys)
     self.json_caption_field = json_caption_field
     self.exif_transpose = exif_transpose
@@ -233,10 +283,23 @@ class WebDatasetSource:
     if not self.caption_keys:
       raise ValueError("caption_keys is empty")
     # One row per record: (shard number, key, {extension: (offset, size)}).
-    self._records: list[tuple[int, str, dict[str, tuple[int, int]]]] = [
-        (shard_id, key, members)
-        for shard_id, path in enumerate(self.shards)
-        for key, members in index_shard(path)]
+    self._records: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+    empty = []
+    for shard_id, path in enumerate(self.shards):
+      records = index_shard(path)
+      self._records.extend((shard_id, key, members) for key, members in records)
+      if not records:
+        empty.append(path)
+    if not self._records:
+      raise ValueError(f"WebDataset shards {shards!r} hold no records ({len(empty)} empty tar "
+                       "files): check config.data.shards")
+    repeated = sorted(path for path, n in collections.Counter(self.shards).items() if n > 1)
+    if repeated:
+      log.warning("WebDataset shards listed more than once (their records are read as often): %s",
+                  ", ".join(repeated[:5]) + (", ..." if len(repeated) > 5 else ""))
+    if empty:
+      log.warning("Skipping %d of %d WebDataset shards that hold no records: %s", len(empty),
+                  len(self.shards), ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
     self._files: dict[int, int] = {}
     self._lock = threading.Lock()
 
