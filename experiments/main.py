@@ -1,51 +1,76 @@
-"""Trains and evaluates a vljax config.
+r"""Trains and evaluates a vljax config.
 
   python experiments/main.py --config=clip_tiny.py --workdir=/tmp/clip
   python experiments/main.py --config=clip_tiny.py --config.total_steps=100 --workdir=/tmp/clip
+  python experiments/main.py --config=coca_base.py --dry_run \
+      --config.mesh="[('data', -1), ('fsdp', 16), ('tensor', 1)]"
 
-A bare config name resolves to experiments/configs/; `--config.a.b=value` overrides a field
-(an unknown field fails before anything is built). Rerunning with the same workdir resumes.
+A bare config name resolves to experiments/configs/ (`FILE:ARG` passes ARG to its get_config).
+`--config.a.b=VALUE` sets any field, also keys of model / data / evals that the config leaves out
+and whole lists such as mesh; VALUE is a Python literal, or plain text for a text field. The
+config is validated before anything is built. Rerunning with the same workdir resumes.
+
+The log goes to stdout and WORKDIR/logs/train.log. An error stops the run with one `error:` line
+on stderr and the name of the file holding its traceback (`--verbose` prints the traceback);
+the exit status is 1, or 2 for a bad config or command line, or 130 after Ctrl-C.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 import numpy as np
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vljax.train.config import resolve_config_path  # pylint: disable=wrong-import-position
-from vljax.train.logging import setup_logging  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from vljax.data.pipeline import data_config, require_source
+from vljax.errors import EXIT_USAGE, ConfigError, report
+from vljax.train.config import apply_overrides, load_config, validate
+from vljax.train.logging import setup_logging
+# pylint: enable=wrong-import-position
 
 DEFAULT_CONFIG = "coca_tiny.py"
 
-
-def _resolve_config_flag(argv: list[str]) -> list[str]:
-  """Rewrites --config=NAME to the resolved file path so bare names work from anywhere."""
-  out, seen = [], False
-  for arg in argv:
-    if arg.startswith("--config="):
-      name = arg.split("=", 1)[1]
-      path, _, extra = name.partition(":")
-      arg = "--config=" + resolve_config_path(path) + (":" + extra if extra else "")
-      seen = True
-    out.append(arg)
-  if not seen:
-    out.append("--config=" + resolve_config_path(DEFAULT_CONFIG))
-  return out
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+_CONFIG = flags.DEFINE_string(
+    "config", DEFAULT_CONFIG, "Experiment config: a file, or a name in experiments/configs/, "
+    "optionally FILE:ARG. --config.a.b=VALUE sets the field a.b of it.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, pictures and "
+                               "logs (default: workdirs/<config name>).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print parameter counts, FLOPs per step and compiled "
                              "per-device memory for the configured mesh and batch, then exit.")
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", 0, "On a CPU host, fake this many devices for --dry_run (default: the "
     "product of the config's fixed mesh axis sizes, at least 8).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback of an error, and debug "
+                             "lines of the vljax log.")
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without its `--config.PATH=VALUE` arguments, their "PATH=VALUE" strings): absl would
+  reject them as unknown flags."""
+  rest, overrides = [], []
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      rest += argv[i:]
+      break
+    if arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag reported as a one-line usage error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e} (see --help)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def _fake_cpu_devices(config) -> None:
@@ -58,9 +83,39 @@ def _fake_cpu_devices(config) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def _log_to_workdir(workdir: str) -> None:
+  """Adds WORKDIR/logs/train.log (train-<i>.log on process i > 0) to the vljax logger."""
+  if "://" in workdir:  # a bucket: the log stays on stdout
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  logs = os.path.join(workdir, "logs")
+  os.makedirs(logs, exist_ok=True)
+  index = jax.process_index()
+  handler = logging.FileHandler(os.path.join(logs, "train.log" if index == 0 else f"train-{index}.log"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+  logging.getLogger("vljax").addHandler(handler)
+
+
+def _workdir() -> str:
+  name = os.path.splitext(os.path.basename(_CONFIG.value.split(":", 1)[0]))[0]
+  return _WORKDIR.value or os.path.join("workdirs", name)
+
+
+def load(argv: list[str], overrides: list[str]):
+  """The config of the command line: loaded, overridden ("PATH=VALUE" strings, in order) and
+  validated; a training run also needs a data source."""
+  config = load_config(_CONFIG.value)
+  apply_overrides(config, overrides)
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected argument(s) {' '.join(argv[1:])}; flags are --name=value")
+  validate(config)
+  if not _DRY_RUN.value:
+    require_source(data_config(config.data), os.path.basename(_CONFIG.value))
+  return config
+
+
+def run(config, workdir: str) -> None:
+  """Dry-runs or trains a validated config."""
   if _DRY_RUN.value:
     _fake_cpu_devices(config)
     from vljax.train.dry_run import dry_run  # pylint: disable=import-outside-toplevel
@@ -69,12 +124,28 @@ def main(argv):
   from vljax.train import distributed  # pylint: disable=import-outside-toplevel
   from vljax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   distributed.initialize(config)
-  workdir = _WORKDIR.value or os.path.join("workdirs", os.path.basename(
-      flags.FLAGS["config"].config_filename)[:-3])
+  _log_to_workdir(workdir)
   train_and_evaluate(config, workdir)
 
 
+def main(argv: list[str], overrides: list[str]) -> None:
+  verbose = _VERBOSE.value
+  setup_logging(logging.DEBUG if verbose else logging.INFO)
+  workdir = _workdir()
+  try:
+    config = load(argv, overrides)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    # Anything failing here is in the config file or the command line.
+    sys.exit(report(e, workdir=workdir, verbose=verbose,
+                    status=None if isinstance(e, KeyboardInterrupt) else EXIT_USAGE))
+  try:
+    run(config, workdir)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    sys.exit(report(e, workdir=workdir, verbose=verbose))
+
+
 if __name__ == "__main__":
-  setup_logging()
   absl_logging.set_verbosity(absl_logging.WARNING)
-  app.run(main, argv=_resolve_config_flag(sys.argv))
+  flag_args, config_overrides = split_overrides(sys.argv)
+  app.run(functools.partial(main, overrides=config_overrides), argv=flag_args,
+          flags_parser=_parse_flags)

@@ -26,6 +26,7 @@ def tiny_config(loss: str = "softmax", **changes):
     for p in path:
       target = target[p]
     target[last] = value
+  c.optim.warmup_steps = min(c.optim.warmup_steps, c.total_steps)
   return c
 
 

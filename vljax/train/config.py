@@ -1,23 +1,37 @@
-"""The config schema shared by every experiment, and its validation.
+"""The config schema shared by every experiment, its validation and command-line overrides.
 
 Every experiment config is `base_config()` with changes; a key that the base does not have is a
-typo or a stale option, so `validate` rejects it (naming it, with the closest valid key) before
-anything is built or compiled. Free-form sub-dicts (`model`, `data`, `evals`) are validated by
-the code that consumes them (`vljax.models.build_model`, the data builders, the evaluators).
+typo or a stale option, so `validate` rejects it (naming it, with the closest valid key), and
+checks each value's range, before anything is built or compiled. The keys of `data` and `evals`
+are those of DATA_DEFAULTS and EVAL_DEFAULTS; `model` is free-form and checked by
+`vljax.models.build_model`. `apply_overrides` sets any field from `path=value` strings, as
+`experiments/main.py --config.path=value` does.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
+import math
 import os
-from typing import Any
+import re
+from typing import Any, Iterable
 
+import jax
 import ml_collections
 
-from vljax.sharding import DEFAULT_RULES
+from vljax.data.pipeline import DATA_DEFAULTS, SOURCES
+from vljax.errors import ConfigError
+from vljax.losses.contrastive import IMPLS
+from vljax.sharding import DEFAULT_RULES, batch_sharding
+from vljax.train.evaluation import EVAL_DEFAULTS
+from vljax.train.families import FAMILIES
 
-FREE_FORM = ("model", "data", "evals", "init")  # validated by their consumers
 REQUIRED_TOP_LEVEL = ("total_steps", "log_every", "eval_every", "checkpoint_every", "seed")
+MESH_AXES = ("data", "fsdp", "tensor")
+SCHEDULES = ("cosine", "linear", "constant")  # vljax.train.optim.schedule
+# Fields that take values of several types (type checks of overrides accept any of them).
+MULTI_TYPE_FIELDS = {"config.data.shards": (str, list, tuple)}  # one brace pattern or a list
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -65,33 +79,276 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
   c.init = ml_collections.ConfigDict(dict(checkpoint="", params=""))
+  # Resume from the newest checkpoint's model even if it lacks the input state (data order
+  # starts again); see vljax.train.checkpoint.
+  c.restart_data_order = False
   return c
 
 
-def _walk(config: Any, base: Any, prefix: str):
+def _reference() -> dict[str, Any]:
+  """The schema as nested dicts: base_config() with data and evals holding their defaults. An
+  empty dict (model, evals.tfds_zeroshot) is open: any key may be added there."""
+  ref = base_config().to_dict()
+  ref["data"], ref["evals"] = dict(DATA_DEFAULTS), dict(EVAL_DEFAULTS)
+  return ref
+
+
+def _is_dict(value: Any) -> bool:
+  return isinstance(value, (dict, ml_collections.ConfigDict))
+
+
+def _unknown_key(prefix: str, key: str, valid: Iterable[str]) -> ConfigError:
+  valid = sorted(str(k) for k in valid)
+  close = difflib.get_close_matches(str(key), valid, n=1)
+  hint = f"; did you mean {prefix}.{close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+  return ConfigError(f"Unknown config key {prefix}.{key}{hint}")
+
+
+def _check_keys(config: Any, ref: dict[str, Any], prefix: str) -> None:
   for key in config.keys():
-    path = f"{prefix}.{key}"
-    if key not in base:
-      close = difflib.get_close_matches(str(key), [str(k) for k in base.keys()], n=1)
-      hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
-      raise ValueError(f"Unknown config key {path}{hint}")
-    if prefix == "config" and key in FREE_FORM:
-      continue
-    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(base[key], ml_collections.ConfigDict):
-      _walk(config[key], base[key], path)
+    if key not in ref:
+      raise _unknown_key(prefix, key, ref)
+    if _is_dict(config[key]) and _is_dict(ref[key]) and ref[key]:
+      _check_keys(config[key], ref[key], f"{prefix}.{key}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _need(config: ml_collections.ConfigDict, key: str, ok, requirement: str) -> None:
+  value = config
+  for part in key.split("."):
+    if not _is_dict(value) or part not in value:
+      raise ConfigError(f"config.{key} is missing (base_config() has it; was its dict replaced?)")
+    value = value[part]
+  if not ok(value):
+    raise ConfigError(f"config.{key} must be {requirement}, got {value!r}")
+
+
+def _check_regex(key: str, pattern: Any) -> None:
+  if not isinstance(pattern, str):
+    raise ConfigError(f"config.{key} must be a regex string, got {pattern!r}")
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"config.{key}={pattern!r} is not a valid regex: {e}") from None
+
+
+def _check_mesh_axes(mesh: Any) -> None:
+  example = "[('data', -1), ('fsdp', 1), ('tensor', 1)]"
+  if not isinstance(mesh, (list, tuple)) or not mesh or not all(
+      isinstance(a, (list, tuple)) and len(a) == 2 for a in mesh):
+    raise ConfigError(f"config.mesh must be a list of (axis name, size) pairs such as {example}, "
+                      f"got {mesh!r}")
+  names = [name for name, _ in mesh]
+  for name, size in mesh:
+    if name not in MESH_AXES:
+      raise ConfigError(f"config.mesh axis {name!r} is not a mesh axis; choose among "
+                        f"{', '.join(MESH_AXES)}")
+    if names.count(name) > 1:
+      raise ConfigError(f"config.mesh names axis {name!r} twice: {mesh!r}")
+    if not _is_int(size) or (size < 1 and size != -1):
+      raise ConfigError(f"config.mesh size of {name!r} must be an int >= 1, or -1 for all "
+                        f"remaining devices, got {size!r}")
+  if [size for _, size in mesh].count(-1) > 1:
+    raise ConfigError(f"config.mesh may size at most one axis -1 (all remaining devices), got {mesh!r}")
+
+
+def _check_sharding_rules(rules: Any) -> None:
+  if not isinstance(rules, (list, tuple)) or not all(
+      isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in rules):
+    raise ConfigError("config.sharding_rules must be a list of (logical name, mesh axes) pairs "
+                      f"such as ('batch', ('data', 'fsdp')), got {rules!r}")
+  for logical, axes in rules:
+    named = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not isinstance(named, (list, tuple)) or any(a not in MESH_AXES for a in named):
+      raise ConfigError(f"config.sharding_rules maps {logical!r} to {axes!r}; use None, a mesh "
+                        f"axis or a tuple of mesh axes among {', '.join(MESH_AXES)}")
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+  """Range checks of every schema value, each naming the key and what it must be."""
+  for key in ("total_steps", "eval_every", "checkpoint_every"):
+    _need(config, key, lambda v: _is_int(v) and v >= 0, "a non-negative int")
+  for key in ("batch_size", "log_every", "keep_checkpoints"):
+    _need(config, key, lambda v: _is_int(v) and v >= 1, "a positive int")
+  _need(config, "seed", _is_int, "an int")
+  _need(config, "family", lambda v: v in FAMILIES, f"one of {', '.join(sorted(FAMILIES))}")
+  _need(config, "compute_dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16")
+  _check_mesh_axes(config.mesh)
+  _check_sharding_rules(config.sharding_rules)
+  _need(config, "loss.impl", lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}")
+  _need(config, "loss.chunk_size", lambda v: _is_int(v) and v >= 0, "a non-negative int (0: default)")
+
+  _need(config, "optim.name", lambda v: v == "adamw", "adamw (the only optimizer)")
+  _need(config, "optim.lr", lambda v: _is_number(v) and v > 0, "> 0")
+  _need(config, "optim.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+  _need(config, "optim.warmup_steps", lambda v: _is_int(v) and v >= 0, "a non-negative int")
+  # A warm-up as long as the run is allowed (lr then peaks at the last step); a longer one is not.
+  if config.optim.warmup_steps > config.total_steps:
+    raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} is longer than the "
+                      f"run (config.total_steps={config.total_steps}); set it to at most "
+                      f"{config.total_steps}")
+  _need(config, "optim.end_lr_fraction", lambda v: _is_number(v) and 0 <= v <= 1, "in [0, 1]")
+  for key in ("optim.b1", "optim.b2"):
+    _need(config, key, lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)")
+  _need(config, "optim.eps", lambda v: _is_number(v) and v > 0, "> 0")
+  _need(config, "optim.weight_decay", lambda v: _is_number(v) and v >= 0, ">= 0")
+  _need(config, "optim.grad_clip_norm", lambda v: _is_number(v) and v >= 0, ">= 0 (0: no clipping)")
+  for key in ("wd_exclude", "freeze"):
+    _check_regex(f"optim.{key}", config.optim[key])
+  multipliers = config.optim.lr_multipliers
+  if not isinstance(multipliers, (list, tuple)) or not all(
+      isinstance(m, (list, tuple)) and len(m) == 2 and _is_number(m[1]) for m in multipliers):
+    raise ConfigError("config.optim.lr_multipliers must be a tuple of (regex, factor) pairs such "
+                      f"as (('t|b', 10.0),), got {multipliers!r}")
+  for pattern, _ in multipliers:
+    _check_regex("optim.lr_multipliers pattern", pattern)
+  _check_regex("init.params", config.init.get("params", ""))
+
+  data = {**DATA_DEFAULTS, **config.data}
+  if data["source"] not in ("",) + SOURCES:
+    raise ConfigError(f"config.data.source must be one of {', '.join(SOURCES)}, got "
+                      f"{data['source']!r}")
+  if not (_is_number(data["max_bad_fraction"]) and 0 <= data["max_bad_fraction"] <= 1):
+    raise ConfigError(f"config.data.max_bad_fraction must be in [0, 1], got "
+                      f"{data['max_bad_fraction']!r}")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Rejects unknown keys and missing required ones, with a message naming the key."""
-  _walk(config, base_config(), "config")
+  """Rejects unknown keys, missing required ones and values out of range, with a message naming
+  the key (ConfigError, a ValueError). Changes nothing, so it may run any number of times."""
+  _check_keys(config, _reference(), "config")
   for key in REQUIRED_TOP_LEVEL:
     if key not in config:
-      raise ValueError(f"config.{key} is required")
-  for key in ("total_steps", "log_every", "eval_every", "checkpoint_every", "batch_size"):
-    if not isinstance(config[key], int) or config[key] < 0:
-      raise ValueError(f"config.{key} must be a non-negative int, got {config[key]!r}")
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+      raise ConfigError(f"config.{key} is required")
+  _check_values(config)
+  return config
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises, naming config.batch_size and the mesh, when the batch cannot be split evenly over the
+  devices that the logical axis "batch" maps to (config.sharding_rules) and over the processes."""
+  spec = batch_sharding(mesh, [tuple(r) for r in config.sharding_rules]).spec
+  axes = () if not spec or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else spec[0]
+  devices = math.prod(mesh.shape[a] for a in axes)
+  processes = jax.process_count()
+  multiple = math.lcm(devices, processes)
+  batch = config.batch_size
+  if batch % multiple == 0:
+    return
+  reasons = []
+  if batch % devices:
+    described = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+    reasons.append(f"the {devices} devices the batch is split over (mesh {described})")
+  if batch % processes:
+    reasons.append(f"the {processes} processes")
+  lower = batch // multiple * multiple
+  examples = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+  raise ConfigError(f"config.batch_size={batch} is not divisible by {' nor by '.join(reasons)}; "
+                    f"use a multiple of {multiple} such as {examples}")
+
+
+def _parse_literal(raw: str) -> Any:
+  """A Python literal, true / false in any case, or else the text itself."""
+  try:
+    return ast.literal_eval(raw.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    if raw.strip().lower() in ("true", "false"):
+      return raw.strip().lower() == "true"
+    return raw
+
+
+def _type_name(value: Any) -> str:
+  """"an int", "a float", "a dict", ... for messages."""
+  if value is None:
+    return "None"
+  name = "dict" if _is_dict(value) else type(value).__name__
+  return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+_MISSING = object()
+
+
+def _convert(raw: str, current: Any, where: str, allow_none: bool) -> Any:
+  """`raw` parsed as a value for the field `where`, whose present value (or default) is `current`."""
+  value = _parse_literal(raw)
+  if current is _MISSING or current is None or (value is None and allow_none):
+    return value
+  allowed = MULTI_TYPE_FIELDS.get(where)
+  if allowed is not None:
+    if isinstance(value, allowed):
+      return value
+    if str in allowed:
+      return raw
+  elif isinstance(current, str):
+    return value if isinstance(value, str) else raw  # "123" is text in a text field
+  elif isinstance(current, bool):
+    if isinstance(value, bool):
+      return value
+  elif _is_int(current):
+    if _is_int(value):
+      return value
+  elif isinstance(current, float):
+    if _is_number(value):
+      return float(value)
+    try:
+      return float(raw)  # inf, nan
+    except ValueError:
+      pass
+  elif isinstance(current, (list, tuple)):
+    if isinstance(value, (list, tuple)):
+      return type(current)(value)
+  elif _is_dict(current):
+    if isinstance(value, dict):
+      return value
+  elif isinstance(value, type(current)):
+    return value
+  raise ConfigError(f"{where}={raw} is {_type_name(value)}, but the field is {_type_name(current)}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+  """Sets fields of `config` from "path=value" strings, in order (`--config.path=value`).
+
+  Values are Python literals (`1e-3`, `[('data', 2), ('fsdp', 4)]`, `True` / `true`), or plain
+  text for text fields. A value must have its field's type (or its default's, for keys of `data`
+  and `evals` the config leaves out); an int may set a float. Lists, tuples and dicts are
+  replaced whole. Keys are those of the schema (see `validate`); under `model` and other open
+  dicts any key may be added, and its consumer checks it. Raises ConfigError naming the key.
+  """
+  for override in overrides:
+    path, sep, raw = override.partition("=")
+    path = path.strip()
+    path = path[len("config."):] if path.startswith("config.") else path
+    if not sep:
+      raise ConfigError(f"--config.{path} needs a value: --config.{path}=VALUE")
+    keys = path.split(".")
+    if not all(keys):
+      raise ConfigError(f"--config.{path} is not a config field path")
+    node, ref, where = config, _reference(), "config"
+    for i, key in enumerate(keys):
+      if ref and key not in ref:
+        raise _unknown_key(where, key, ref)
+      here, key_ref = f"{where}.{key}", ref.get(key, _MISSING) if ref else _MISSING
+      if i == len(keys) - 1:
+        current = node[key] if key in node else key_ref
+        value = _convert(raw, current, here, allow_none=not ref)
+        if key in node and type(node[key]) is not type(value):
+          del node[key]  # ConfigDict keeps a field's type; this one was checked above
+        node[key] = value
+        break
+      if key not in node and (key_ref is _MISSING or _is_dict(key_ref)):
+        node[key] = {}  # a sub-dict of an open dict, e.g. model.image on a config without one
+      child = node[key] if key in node else key_ref
+      if not _is_dict(child):
+        raise ConfigError(f"{here} is {_type_name(child)}, not a dict, so it has no field "
+                          f"{keys[i + 1]!r}; set it whole with --{here}=VALUE")
+      node, ref, where = child, key_ref if _is_dict(key_ref) else {}, here
   return config
 
 
