@@ -81,6 +81,17 @@ class Evaluation:
       return np.asarray(out.addressable_data(0))  # replicated: every process holds all of it
     return run
 
+  def describe(self) -> str:
+    """The evaluations `run` does, in words, for the log."""
+    parts = []
+    if self.image_text is not None:
+      parts.append(f"zero-shot on {self.cfg.zeroshot_images} images, retrieval over "
+                   f"{self.cfg.retrieval_pairs} pairs")
+    parts += [f"zero-shot on TFDS {e.key}" for e in self.tfds_zeroshot]
+    if self.captioning is not None:
+      parts.append(f"captioning {self.cfg.captioning_images} images")
+    return "; ".join(parts) or "nothing configured"
+
   def run(self, params) -> dict[str, float]:
     metrics = {}
     if self.image_text is not None:

@@ -66,6 +66,7 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 def read_jsonl(path: str) -> list[dict]:

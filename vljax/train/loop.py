@@ -1,6 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the one training loop shared by every family."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +30,7 @@ from vljax.models import build_model
 from vljax.sharding import make_mesh, replicated
 from vljax.train import optim
 from vljax.train.checkpoint import Checkpointer, load_params
-from vljax.train.config import validate
+from vljax.train.config import check_mesh, validate
 from vljax.train.families import Family, LossContext, get_family
 from vljax.train.evaluation import Evaluation, eval_config
 from vljax.train.logging import MetricWriter, Progress, read_jsonl
@@ -113,23 +114,14 @@ class Experiment:
 
   def context(self):
     """The mesh and logical-rules context that steps and constraints run under."""
-    return _MeshContext(self.mesh, self.rules)
+    return mesh_context(self.mesh, self.rules)
 
 
-class _MeshContext:
-  def __init__(self, mesh, rules):
-    self.mesh, self.rules = mesh, rules
-    self._stack = []
-
-  def __enter__(self):
-    for cm in (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
-      cm.__enter__()
-      self._stack.append(cm)
-    return self
-
-  def __exit__(self, *exc):
-    while self._stack:
-      self._stack.pop().__exit__(*exc)
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  """The mesh (read by sharding constraints) and logical-axis rules, entered together."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=None) -> Experiment:
@@ -143,6 +135,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
   tokenizer = tokenizer or build_tokenizer(data_cfg)
   model = build_model(_model_config(config, family, tokenizer, data_cfg))
   mesh = make_mesh(config.mesh, devices)
+  check_mesh(config, mesh)
   rules = [tuple(r) for r in config.sharding_rules]
 
   def init_params(rng):
@@ -150,7 +143,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
 
   abstract_params = nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0)))
   tx, lr_fn, frozen = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
-  with _MeshContext(mesh, rules):
+  with mesh_context(mesh, rules):
     abstract_state, shardings = state_shardings(init_params, tx, mesh, rules)
   ctx = LossContext(model=model, config=config, data=data_cfg, mesh=mesh)
   step = jax.jit(make_train_step(family, ctx, tx, lr_fn, frozen, config.seed),
@@ -175,38 +168,84 @@ def host_values(tree: Any) -> Any:
                       else np.asarray(x), tree)
 
 
-class PreemptionWatcher:
-  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
+class StopRequested(BaseException):
+  """A stop signal arrived inside a section that may be left at once (input pipeline, eval).
 
-  With several processes the request is shared (any process's SIGTERM stops all), so every
-  process saves the same step, as orbax expects.
+  A BaseException, as KeyboardInterrupt, so that code which turns any Exception into a skipped
+  record (image decoding) cannot swallow it."""
+
+
+class StopWatcher:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to checkpoint and stop.
+
+  Between steps the request is only noted and acted on at the next step boundary. Inside an
+  `interruptible()` section (reading input, evaluating: nothing there changes the train state)
+  the handler raises StopRequested at once, so a stalled input pipeline cannot delay a
+  scheduler's stop. A second Ctrl-C raises KeyboardInterrupt wherever the run is. With several
+  processes the request is shared (any process's signal stops all), so every process saves the
+  same step, as orbax expects.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
-    self.flag = False
-    self._previous = None
+    self.signal_name: str | None = None
+    self._interruptible = False
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.flag = True
+    name = signal.Signals(signum).name
+    if self.signal_name == "SIGINT" and name == "SIGINT":
+      raise KeyboardInterrupt("second Ctrl-C: stopped without saving")
+    self.signal_name = self.signal_name or name
+    if self._interruptible:
+      self._interruptible = False
+      raise StopRequested(name)
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    if self.signal_name is not None and jax.process_count() == 1:
+      raise StopRequested(self.signal_name)
+    # With several processes a stop must wait for a step boundary, where all processes agree.
+    self._interruptible = jax.process_count() == 1
+    try:
+      yield
+    finally:
+      self._interruptible = False
 
   def requested(self) -> bool:
     if jax.process_count() == 1:
-      return self.flag
-    flags = multihost_utils.process_allgather(np.array(self.flag))
+      return self.signal_name is not None
+    flags = multihost_utils.process_allgather(np.array(self.signal_name is not None))
     return bool(np.any(flags))
 
   def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
+
+
+def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, inputs: InputState):
+  """(start step, state): the newest complete checkpoint's, or a fresh initialisation."""
+  found = checkpointer.restore_latest(exp.abstract_state, exp.shardings, inputs,
+                                      restart_data=exp.config.restart_data_order)
+  if found is None:
+    log.info("Initialising a new model (no checkpoint in %s)", checkpointer.directory)
+    return 0, exp.init()
+  log.info("Resuming from the checkpoint at step %d in %s", found[0], checkpointer.directory)
+  return found
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the final
-  evaluation, also written to `workdir/metrics.json`. On SIGTERM it checkpoints at the next step
-  boundary and returns {} without evaluating."""
+  """Trains `config` in `workdir` (resuming from its newest complete checkpoint) and returns the
+  final evaluation, also written to `workdir/metrics.json`.
+
+  On SIGTERM it checkpoints and returns {} without evaluating; on SIGINT (Ctrl-C) it checkpoints
+  and raises KeyboardInterrupt. Either stop waits for the current step, not for the input
+  pipeline or an evaluation.
+  """
   require_source(data_config(config.data))
   exp = build_experiment(config)
   config, mesh, rules = exp.config, exp.mesh, exp.rules
@@ -218,78 +257,112 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            mesh.size, jax.default_backend(), config.model.get("name"), num_params / 1e6)
 
   writer = MetricWriter(workdir, enabled=is_main)
-  with exp.context():
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-    data_it = train_iterator(exp.data_cfg, exp.tokenizer, seed=config.seed,
-                             global_batch_size=config.batch_size,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-    bad_records = bad_record_counter(exp.data_cfg)
-    inputs = InputState(data_it, bad_records)  # checkpointed with the model
-    start = checkpointer.latest_step()
-    if start is not None:
-      log.info("Resuming from the checkpoint at step %d in %s", start, checkpointer.directory)
-      state = checkpointer.restore(start, exp.abstract_state, exp.shardings, inputs)
-    else:
-      start = 0
-      state = exp.init()
+  watcher = StopWatcher()
+  try:
+    with exp.context():
+      return _train(exp, eval_cfg, workdir, writer, watcher, is_main)
+  finally:
+    watcher.restore()
+    writer.close()
 
-    evaluation = Evaluation(exp, eval_cfg)
 
-    def evaluate(step: int) -> dict[str, float]:
-      t0 = time.time()
+def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watcher: StopWatcher,
+           is_main: bool) -> dict[str, float]:
+  config, mesh, rules = exp.config, exp.mesh, exp.rules
+  checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+  data_it = train_iterator(exp.data_cfg, exp.tokenizer, seed=config.seed,
+                           global_batch_size=config.batch_size,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+  bad_records = bad_record_counter(exp.data_cfg)
+  inputs = InputState(data_it, bad_records)  # checkpointed with the model
+  start, state = _restore_or_init(exp, checkpointer, inputs)
+  evaluation = Evaluation(exp, eval_cfg)
+
+  def evaluate(step: int) -> dict[str, float]:
+    log.info("Evaluating at step %d (%s)", step, evaluation.describe())
+    t0 = time.time()
+    with watcher.interruptible():
       metrics = evaluation.run(state.params)
-      writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
-      return metrics
+    writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
+    return metrics
 
-    preemption = PreemptionWatcher()
-    progress = Progress(config.total_steps, start, enabled=is_main)
-    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
-    t_window = time.time()
-    step = start
-    while step < config.total_steps:
-      step += 1
-      seen_bad = len(bad_records.distinct_bad_keys)
-      batch = global_batch(bad_records.observe(next(data_it)), mesh, rules)
-      if len(bad_records.distinct_bad_keys) > seen_bad and seen_bad < 10:
-        log.warning("Skipped bad input records (%d so far): %s", bad_records.bad,
-                    ", ".join(sorted(bad_records.distinct_bad_keys)[:10]))
-      state, metrics = exp.train_step(state, batch)
-      pending.append((step, metrics))
-      saving = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-      stopping = preemption.requested()
-      if step % config.log_every == 0 or step == config.total_steps or saving or stopping:
-        window = _fetch_finite(pending)  # raises on a non-finite loss, before any save
-        if step % config.log_every == 0 or step == config.total_steps:
-          summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-          summary["train/steps_per_sec"] = len(window) / (time.time() - t_window)
-          summary["data/skipped"] = bad_records.bad  # bad records read (repeats included)
-          summary["data/bad_records"] = len(bad_records.distinct_bad_keys)  # distinct ones
-          writer.write(step, summary)
-          progress.update(step)
-          pending, t_window = [], time.time()
-      if (saving or stopping) and step != config.total_steps:
-        checkpointer.save(step, state, inputs)
-      if stopping:
-        log.warning("Stop requested (SIGTERM): saved the checkpoint of step %d; rerun the same "
-                    "command to resume.", step)
-        preemption.restore()
-        checkpointer.close()
-        writer.close()
-        return {}
-      if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-        evaluate(step)
-    preemption.restore()
-    if start < config.total_steps:
-      checkpointer.save(config.total_steps, state, inputs)
-    final = evaluate(config.total_steps)
-    images, lines = evaluation.samples(state.params)  # every process joins the computation
-    if is_main:
-      plot_samples(images, lines, os.path.join(workdir, "samples.png"))
+  def stop(step: int, saved: bool) -> dict:
+    saved = saved and step > start
+    if not saved and step > start:
+      checkpointer.save(step, state, inputs)
+      saved = True
     checkpointer.close()
-  writer.close()
+    done = (f"saved the checkpoint of step {step}" if saved else
+            f"no step since {'the start' if step == 0 else f'step {step}'} to save")
+    log.warning("Stop requested (%s): %s; rerun the same command to resume.",
+                watcher.signal_name, done)
+    if watcher.signal_name == "SIGINT":
+      raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved")
+    return {}
+
+  if start < config.total_steps:
+    log.info("Training steps %d-%d; the first step compiles the model (a minute or two on a "
+             "CPU), then a line every %d steps.", start + 1, config.total_steps, config.log_every)
+  progress = Progress(config.total_steps, start, enabled=is_main)
+  pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
+  t_window = time.time()
+  step = saved_step = start
+  while step < config.total_steps:
+    boundary = data_it.get_state()
+    try:
+      with watcher.interruptible():
+        local = next(data_it)
+    except StopRequested:
+      data_it.set_state(boundary)  # the partly read batch is read again on resume
+      return stop(step, saved=saved_step == step)
+    step += 1
+    seen_bad = len(bad_records.distinct_bad_keys)
+    batch = global_batch(bad_records.observe(local), mesh, rules)
+    if len(bad_records.distinct_bad_keys) > seen_bad and seen_bad < 10:
+      log.warning("Skipped bad input records (%d so far): %s", bad_records.bad,
+                  ", ".join(sorted(bad_records.distinct_bad_keys)[:10]))
+    state, metrics = exp.train_step(state, batch)
+    pending.append((step, metrics))
+    if step == start + 1:
+      jax.block_until_ready(metrics)
+      log.info("Step %d done in %.1fs (compilation included).", step, time.time() - t_window)
+    saving = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+    stopping = watcher.requested()
+    if step % config.log_every == 0 or step == config.total_steps or saving or stopping:
+      window = _fetch_finite(pending)  # raises on a non-finite loss, before any save
+      if step % config.log_every == 0 or step == config.total_steps:
+        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        summary["train/steps_per_sec"] = len(window) / (time.time() - t_window)
+        summary["data/skipped"] = bad_records.bad  # bad records read (repeats included)
+        summary["data/bad_records"] = len(bad_records.distinct_bad_keys)  # distinct ones
+        writer.write(step, summary)
+        progress.update(step)
+        pending, t_window = [], time.time()
+    if (saving or stopping) and step != config.total_steps:
+      checkpointer.save(step, state, inputs)
+      saved_step = step
+    if stopping:
+      return stop(step, saved=True)
+    if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+      try:
+        evaluate(step)
+      except StopRequested:
+        return stop(step, saved=saved_step == step)
+  if start < config.total_steps:
+    checkpointer.save(config.total_steps, state, inputs)
+  try:
+    final = evaluate(config.total_steps)
+    with watcher.interruptible():
+      images, lines = evaluation.samples(state.params)  # every process joins the computation
+  except StopRequested:
+    return stop(config.total_steps, saved=True)
+  checkpointer.close()
   if is_main:
+    plot_samples(images, lines, os.path.join(workdir, "samples.png"))
+    writer.close()
     plot_curves(read_jsonl(writer.jsonl_path), os.path.join(workdir, "curves.png"))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({k: float(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
     log.info("Final evaluation: %s", json.dumps(final, sort_keys=True))
+    log.info("Wrote metrics.json, metrics.jsonl, samples.png and curves.png to %s", workdir)
   return final
