@@ -240,6 +240,67 @@ def test_errors(run_script, args, env, message):
   assert result.stdout == ""
 
 
+@pytest.mark.parametrize("args, message", [
+    # The script's dry run written among main.py's flags: refused, so nothing runs for real.
+    (("launch", "--config=clip_tiny.py", "--workdir=/w", "--", "--config.total_steps=5",
+      "--dry-run"), "--dry-run after -- would go to experiments/main.py: put it before --"),
+    (("delete", "--", "--dry-run"), "--dry-run after -- would go to experiments/main.py"),
+    (("launch", "--config=clip_tiny.py", "--workdir=/w", "--", "--dry-run=1"), "put it before --"),
+    (("launch", "--dry-run", "--config=clip_tiny.py", "--workdir=/w", "--", "--spot"),
+     "--spot after -- would go to experiments/main.py, which has no such flag: put it before --"),
+    (("delete", "--dry-run", "--", "--config.total_steps=5"), "only 'launch' takes flags after --"),
+])
+def test_script_flags_after_double_dash_are_refused(run_script, args, message):
+  result = run_script(*args)
+  assert result.returncode == 2 and result.stdout == ""
+  assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+
+
+def test_main_py_flags_after_double_dash_pass_on(run_script):
+  """main.py's own --dry_run (a compile-only cost report), --config and --workdir go through."""
+  [ssh] = commands(run_script("launch", "--dry-run", "--config=clip_tiny.py", "--workdir=/w",
+                              "--", "--dry_run", "--workdir=/other"))
+  train = re.search(r"nohup (.*?) > ", flag(ssh, "--command")).group(1)
+  assert shlex.split(train)[-2:] == ["--dry_run", "--workdir=/other"]
+
+
+@pytest.mark.parametrize("value", ["1", "True", "YES", "on"])
+def test_dry_run_from_the_environment(run_script, value):
+  [argv] = commands(run_script("delete", env={"DRY_RUN": value}))
+  assert argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "delete"]
+
+
+@pytest.mark.parametrize("env", [{"DRY_RUN": "maybe"}, {"SPOT": "2"}])
+def test_unrecognised_yes_no_values_are_refused(run_script, env):
+  result = run_script("create", "--accelerator-type=v4-8", env=env)
+  assert result.returncode == 2 and result.stdout == ""
+  assert "is neither yes (1, true, yes, on) nor no (0, false, no, off)" in result.stderr
+
+
+def test_gcloud_runs_only_through_run(tmp_path):
+  """A direct `gcloud` call anywhere in the script fails instead of acting; `run` prints it
+  under DRY_RUN=1 and runs the real one otherwise."""
+  with open(SCRIPT) as f:
+    script = f.read()
+  functions = script.replace('\nmain "$@"\n', "\n")  # the script's functions, without running it
+  assert functions != script
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text("#!/bin/sh\necho \"real gcloud $*\"\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+  def bash(statements):
+    return subprocess.run(["bash", "-c", functions + "\n" + statements], env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
+
+  direct = bash("gcloud compute tpus tpu-vm delete x")
+  assert direct.returncode == 2 and "gcloud called without run" in direct.stderr
+  assert "real gcloud" not in direct.stdout
+  assert bash("DRY_RUN=1; run gcloud compute tpus list").stdout == "gcloud compute tpus list\n"
+  assert bash("DRY_RUN=0; run gcloud compute tpus list").stdout == "real gcloud compute tpus list\n"
+
+
 def test_usage(run_script):
   result = run_script("--help")
   assert result.returncode == 0 and "Usage:" in result.stdout

@@ -15,7 +15,8 @@ Commands:
   setup    put vljax on every worker (git clone REPO_URL, or copy this checkout) and
            install it with jax[tpu] into a virtual environment
   launch   start `python experiments/main.py --config=CONFIG --workdir=WORKDIR` on every
-           worker under nohup, one log file per worker; flags after `--` are passed on
+           worker under nohup, one log file per worker; flags after `--` are passed on to
+           main.py (this script's own flags, such as --dry-run, go before `--`)
   logs     follow the log of a worker (WORKER, default 0; "all" for every worker)
   stop     stop the training processes started by `launch`
   delete   delete the TPU VM (or the queued resource and its TPU VM)
@@ -41,7 +42,8 @@ Flags (each also read from the environment variable in capitals):
                                 else one installed with uv)
   --jax-spec=SPEC               the JAX requirement to install (default: jax[tpu])
   --worker=WORKER               worker for `logs` (0, 1, ... or all; default 0)
-  --dry-run                     print every command, fully quoted, and run nothing (DRY_RUN=1)
+  --dry-run                     print every command, fully quoted, and run nothing (DRY_RUN=1);
+                                before `--` (main.py's --dry_run is its compile-only cost report)
   -h, --help                    this text
 
 Example:
@@ -81,9 +83,8 @@ DRY_RUN=${DRY_RUN:-0}
 COMMAND=""
 EXTRA_ARGS=()
 
-# Sets the variable behind a `--flag` from its value.
-set_flag() {
-  local var
+# Prints the variable behind one of this script's `--flag`s; fails for any other name.
+flag_var() {
   case $1 in
     --name) var=NAME ;;
     --zone) var=ZONE ;;
@@ -104,8 +105,15 @@ set_flag() {
     --jax-spec) var=JAX_SPEC ;;
     --worker) var=WORKER ;;
     --dry-run) var=DRY_RUN ;;
-    *) die "unknown flag $1 (see --help)" ;;
+    *) return 1 ;;
   esac
+  echo "$var"
+}
+
+# Sets the variable behind a `--flag` from its value.
+set_flag() {
+  local var
+  var=$(flag_var "$1") || die "unknown flag $1 (see --help)"
   printf -v "$var" '%s' "$2"
 }
 
@@ -131,8 +139,43 @@ parse_args() {
   done
 }
 
+# Flags after `--` go to experiments/main.py. One of this script's own there (`-- --dry-run`)
+# was meant for the script: refuse it rather than run gcloud and pass main.py a flag it lacks.
+# --config and --workdir are main.py flags too, so they may follow `--`.
+check_extra_args() {
+  local arg name
+  for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
+    name=${arg%%=*}
+    case $name in
+      --config | --workdir) continue ;;
+      --dry-run)
+        die "--dry-run after -- would go to experiments/main.py: put it before -- to print" \
+          "the commands without running them (main.py's own compile-only cost report is --dry_run)"
+        ;;
+    esac
+    if flag_var "$name" >/dev/null; then
+      die "$name after -- would go to experiments/main.py, which has no such flag: put it before --"
+    fi
+  done
+  if ((${#EXTRA_ARGS[@]})) && [[ $COMMAND != launch ]]; then
+    die "only 'launch' takes flags after -- (they go to experiments/main.py), not '$COMMAND'"
+  fi
+}
+
+# Turns the yes/no setting in variable $1 into 1 or 0; anything unrecognised is an error, so that
+# DRY_RUN=True or DRY_RUN=on never counts as "no" and runs gcloud.
+normalise_bool() {
+  local value
+  value=$(tr '[:upper:]' '[:lower:]' <<<"${!1}")
+  case $value in
+    1 | true | yes | on) printf -v "$1" 1 ;;
+    0 | false | no | off | "") printf -v "$1" 0 ;;
+    *) die "$1=${!1} is neither yes (1, true, yes, on) nor no (0, false, no, off)" ;;
+  esac
+}
+
 is_true() {
-  [[ $1 == 1 || $1 == true || $1 == yes ]]
+  [[ $1 == 1 ]]
 }
 
 # Quotes each argument for a POSIX shell: bare when that is safe, else in single quotes.
@@ -148,12 +191,19 @@ quote() {
   printf '%s\n' "${out[*]}"
 }
 
+# The one way commands run: printed under --dry-run, else executed.
 run() {
   if is_true "$DRY_RUN"; then
     quote "$@"
   else
-    "$@"
+    command "$@"
   fi
+}
+
+# gcloud only through `run` (`command` above skips this function): a call that bypasses it is a
+# bug, and must not act for real during a dry run.
+gcloud() {
+  die "internal error: gcloud called without run (gcloud $*)"
 }
 
 require() {
@@ -338,7 +388,11 @@ main() {
     usage >&2
     exit 2
   fi
-  if ! is_true "$DRY_RUN" && ! command -v gcloud >/dev/null; then
+  normalise_bool DRY_RUN
+  normalise_bool SPOT
+  normalise_bool QUEUED
+  check_extra_args
+  if ! is_true "$DRY_RUN" && ! type -P gcloud >/dev/null; then
     die "gcloud is not installed (https://cloud.google.com/sdk/docs/install); try --dry-run"
   fi
   gcloud_common

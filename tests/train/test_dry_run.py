@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.train.helpers import tiny_config
 from vljax.nn import constrain
-from vljax.train.dry_run import abstract_inputs, dry_run
+from vljax.train.dry_run import CPU_MEMORY_NOTE, abstract_inputs, dry_run, format_report
 from vljax.train.loop import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,6 +23,7 @@ def test_dry_run_counts_flops_and_memory():
   assert report["params/total"] == report["params/img"] + report["params/txt"] + report["params/t"]
   assert report["memory/temp_bytes_per_device"] > 0
   assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert report["backend"] == "cpu"
   # FLOPs come from the unrolled program, so a scanned model reports the same count.
   scanned = tiny_config()
   scanned.mesh = config.mesh
@@ -36,6 +37,25 @@ def test_dry_run_counts_flops_and_memory():
   assert dry_run(deeper)["flops_per_step"] > 1.2 * report["flops_per_step"]
 
 
+def test_report_labels_cpu_compiled_memory():
+  """Memory compiled on the CPU backend says so, and why a TPU or GPU needs less."""
+  report = {"params/img": 3_000_000, "params/total": 3_000_000, "mesh": {"data": 2},
+            "batch_size": 8, "flops_per_step": 2e12,
+            **{f"memory/{k}_bytes_per_device": 2**30 for k in
+               ("argument", "output", "temp", "alias", "total")}}
+  cpu = format_report({**report, "backend": "cpu"}, "clip")
+  memory_lines = [line for line in cpu.splitlines() if "per-device memory" in line]
+  assert len(memory_lines) == 5
+  assert all("per-device memory (CPU-compiled)" in line for line in memory_lines)
+  assert "compiled for the cpu backend" in cpu.splitlines()[0]
+  assert cpu.endswith(CPU_MEMORY_NOTE)
+  for words in ("float32 copies", "typically lower", "92.9 GiB", "~55 GiB", "~44 GiB",
+                "--topology"):
+    assert words in CPU_MEMORY_NOTE, words
+  tpu = format_report({**report, "backend": "tpu"}, "clip")
+  assert "CPU" not in tpu and "  per-device memory     total:     1.00 GiB" in tpu
+
+
 def test_main_dry_run_and_missing_data_source():
   """The accelerator configs dry-run on a CPU host, and refuse to train without real data."""
   env = dict(os.environ, XLA_FLAGS="")
@@ -44,7 +64,8 @@ def test_main_dry_run_and_missing_data_source():
                          "--config.model.text.variant=mu"],
                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "per-device memory" in proc.stdout and "FLOPs per step" in proc.stdout
+  assert "per-device memory (CPU-compiled)" in proc.stdout and "FLOPs per step" in proc.stdout
+  assert "compiled for the CPU backend" in proc.stdout
   proc = subprocess.run([sys.executable, "experiments/main.py", "--config=clip_b16.py",
                          "--workdir=/tmp/vljax_never_trains"],
                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
