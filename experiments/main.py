@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vljax.data.pipeline import data_config, require_source
 from vljax.errors import EXIT_USAGE, ConfigError, report
 from vljax.train.config import apply_overrides, load_config, validate
-from vljax.train.logging import setup_logging
+from vljax.train.reporting import setup_logging
 # pylint: enable=wrong-import-position
 
 DEFAULT_CONFIG = "coca_tiny.py"

@@ -4,14 +4,14 @@
   python experiments/main.py --config=clip_tiny.py --workdir=workdirs/clip_tiny
   python experiments/main.py --config=lit_tiny.py --workdir=workdirs/lit_tiny
 
-`--config.init.checkpoint=PATH` points at another clip_tiny workdir.
+`--config.init="[{'checkpoint': PATH, 'params': 'img/.*'}]"` points at another clip_tiny workdir.
 """
 from vljax.train.config import load_config
 
 
 def get_config():
   c = load_config("clip_tiny.py")
-  c.init.checkpoint = "workdirs/clip_tiny"  # a clip_tiny workdir (or its checkpoints dir)
-  c.init.params = "img/.*"  # copy the whole image tower ...
+  # Copy the whole image tower from a clip_tiny workdir (or its checkpoints dir) ...
+  c.init = [dict(checkpoint="workdirs/clip_tiny", params="img/.*")]
   c.optim.freeze = "img/.*"  # ... and lock it
   return c

@@ -6,7 +6,7 @@ import matplotlib.image
 import pytest
 
 from vljax.evals.pictures import _grid_shape, metric_panels, plot_curves
-from vljax.train.logging import read_jsonl
+from vljax.train.reporting import read_jsonl
 
 
 def training_records(steps=300, log_every=10, eval_every=100, bad=0):

@@ -56,7 +56,7 @@ def test_every_config_validates_and_builds(name):
     assert key in config
   data_config(config.data)
   eval_config(config.evals)  # data and evals are free-form: their consumers validate them
-  config.init.checkpoint = ""  # LiT's source checkpoint is not needed to build shapes
+  config.init = []  # LiT's source checkpoint is not needed to build shapes
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   exp = build_experiment(config, devices=jax.devices()[:1])
   assert jax.tree.leaves(exp.abstract_state.params)
@@ -223,3 +223,11 @@ def test_check_mesh_names_batch_size_mesh_and_nearest_valid_sizes(monkeypatch):
   with pytest.raises(ConfigError, match=r"^config\.batch_size=6 is not divisible by the 4 processes; "
                                         r"use a multiple of 4 such as 4 or 8$"):
     check_mesh(c, mesh)
+
+
+def test_build_experiment_checks_the_batch_against_the_mesh_before_compiling():
+  """A batch the mesh cannot split fails in build_experiment (nothing compiled yet), naming it."""
+  from tests.train.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  c = tiny_config(batch_size=30, mesh=[("data", 8), ("fsdp", 1), ("tensor", 1)])
+  with pytest.raises(ConfigError, match=r"config\.batch_size=30 is not divisible by the 8 devices"):
+    build_experiment(c)

@@ -74,8 +74,7 @@ def test_lit_locks_the_image_tower(tmp_path):
 
   config = tiny_config(total_steps=4)
   config.optim.freeze = "img/.*"
-  config.init.checkpoint = clip_dir
-  config.init.params = "img/.*"
+  config.init = [dict(checkpoint=clip_dir, params="img/.*")]
   lit_dir = str(tmp_path / "lit")
   train_and_evaluate(config, lit_dir)
   trained = load_params(lit_dir)
@@ -101,12 +100,11 @@ def test_init_checkpoint_with_missing_keys_is_named(tmp_path):
   train_and_evaluate(tiny_config(total_steps=1), clip_dir)
   config = tiny_config(total_steps=1)
   config.model["image"]["depth"] = 2  # layer_1 does not exist in the checkpoint
-  config.init.checkpoint = clip_dir
-  config.init.params = "img/.*"
-  with pytest.raises(ValueError, match="layer_1"):
+  config.init = [dict(checkpoint=clip_dir, params="img/.*")]
+  with pytest.raises(ValueError, match=r"config\.init\[0\]\.checkpoint=.* lacks .*layer_1"):
     build_experiment(config).init()
-  config.init.checkpoint = str(tmp_path / "nowhere")
-  with pytest.raises(FileNotFoundError, match="nowhere"):
+  config.init = [dict(checkpoint=str(tmp_path / "nowhere"), params="img/.*")]
+  with pytest.raises(FileNotFoundError, match=r"config\.init\[0\]\.checkpoint=.*nowhere.* does not exist"):
     build_experiment(config).init()
 
 

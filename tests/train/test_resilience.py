@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from vljax.train.checkpoint import Checkpointer, load_params
-from vljax.train.logging import read_jsonl
+from vljax.train.reporting import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -161,3 +161,10 @@ def test_ctrl_c_through_main_saves_and_exits_130(tmp_path):
   assert last and last[0].endswith("checkpoint saved"), out
   step = int(last[0].split("step ")[1].split(";")[0])
   assert Checkpointer(str(tmp_path / "run")).latest_step() == step
+  # An ordinary resume says so and prints no warning (orbax used to warn of items it "could not
+  # restore" on every resume).
+  proc = _main(tmp_path, f"--config.total_steps={step + 1}", "--config.optim.warmup_steps=1")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert f"Resuming from the checkpoint at step {step}" in out
+  assert "could not" not in out and "WARNING" not in out, out

@@ -10,7 +10,7 @@ import sys
 
 from tests.train.helpers import tiny_config
 from vljax.train import distributed
-from vljax.train.logging import setup_logging
+from vljax.train.reporting import setup_logging
 from vljax.train.loop import train_and_evaluate
 
 

@@ -96,6 +96,18 @@ def _state_metadata(state_dir: str) -> dict:
     return ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
 
 
+def _in_saved_dtypes(target_params: Any, saved: dict) -> Any:
+  """Parameters are restored in the dtype they were saved in: frozen ones that config.init holds
+  in bfloat16 stay bfloat16 after a resume."""
+  flat = flax.traverse_util.flatten_dict(target_params, sep="/")
+  found = flax.traverse_util.flatten_dict(saved.get("params", {}), sep="/")
+  for key, leaf in flat.items():
+    dtype = getattr(found.get(key), "dtype", None)
+    if dtype is not None and dtype != leaf.dtype:
+      flat[key] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
 def compare_params(saved: dict, abstract_params: Any) -> str | None:
   """None if a saved state's parameters match `abstract_params` (paths and shapes), else the
   first difference, in words. (Optimizer states are not compared: their saved layout differs.)"""
@@ -150,6 +162,8 @@ class Checkpointer:
     """Restores the state into `shardings` (and the iterator in place); returns the state."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
+    target = target.replace(params=_in_saved_dtypes(
+        target.params, _state_metadata(os.path.join(self.step_dir(step), "state"))))
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

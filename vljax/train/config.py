@@ -31,7 +31,10 @@ REQUIRED_TOP_LEVEL = ("total_steps", "log_every", "eval_every", "checkpoint_ever
 MESH_AXES = ("data", "fsdp", "tensor")
 SCHEDULES = ("cosine", "linear", "constant")  # vljax.train.optim.schedule
 # Fields that take values of several types (type checks of overrides accept any of them).
-MULTI_TYPE_FIELDS = {"config.data.shards": (str, list, tuple)}  # one brace pattern or a list
+MULTI_TYPE_FIELDS = {"config.data.shards": (str, list, tuple),  # one brace pattern or a list
+                     "config.init": (list, tuple, dict)}  # entries, or the old single dict
+INIT_KEYS = ("checkpoint", "params", "to", "dtype")  # of each config.init entry
+INIT_DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,7 +81,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
-  c.init = ml_collections.ConfigDict(dict(checkpoint="", params=""))
+  # Initialisation from other runs: None (or []) for none, else a list of entries, applied in order
+  # (see init_entries and vljax.train.loop):
+  #   [dict(checkpoint="workdirs/clip_tiny", params="img/.*"),  # vljax workdir / checkpoints / step dir
+  #    dict(checkpoint="workdirs/lm", params="dec/(.*)", to=("dec/(.*)", r"txt/\1"),
+  #         dtype="bfloat16")]
+  # `params` is a regex over the source's parameter paths (fullmatch); `to` an optional
+  # (regex, replacement) whose first match in each selected path is replaced (re.sub, count=1)
+  # to name the parameter in this model;
+  # `dtype` "bfloat16" holds those parameters in bfloat16 (only ones config.optim.freeze freezes).
+  # Deprecated, still accepted: the old single dict(checkpoint=..., params=...) (one entry; an
+  # empty checkpoint means none).
+  c.init = None
   # Resume from the newest checkpoint's model even if it lacks the input state (data order
   # starts again); see vljax.train.checkpoint.
   c.restart_data_order = False
@@ -209,7 +223,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
                       f"as (('t|b', 10.0),), got {multipliers!r}")
   for pattern, _ in multipliers:
     _check_regex("optim.lr_multipliers pattern", pattern)
-  _check_regex("init.params", config.init.get("params", ""))
+  _check_init(config)
 
   data = {**DATA_DEFAULTS, **config.data}
   if data["source"] not in ("",) + SOURCES:
@@ -218,6 +232,70 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   if not (_is_number(data["max_bad_fraction"]) and 0 <= data["max_bad_fraction"] <= 1):
     raise ConfigError(f"config.data.max_bad_fraction must be in [0, 1], got "
                       f"{data['max_bad_fraction']!r}")
+
+
+def init_entries(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """config.init as a list of entries with every key of INIT_KEYS (`to`, `dtype`: None when not
+  given). The old single dict(checkpoint=..., params=...) becomes one entry (params "" = ".*"), or
+  none when its checkpoint is empty. Assumes `validate` passed."""
+  init = config.get("init")
+  if not init:
+    return []
+  if _is_dict(init):
+    if not init.get("checkpoint"):
+      return []
+    init = [dict(init, params=init.get("params") or ".*")]
+  entries = []
+  for entry in init:
+    entry = dict(entry)
+    to = entry.get("to")
+    entries.append(dict(checkpoint=entry["checkpoint"], params=entry["params"],
+                        to=tuple(to) if to is not None else None, dtype=entry.get("dtype")))
+  return entries
+
+
+def _check_init(config: ml_collections.ConfigDict) -> None:
+  init = config.get("init")
+  if init is None or (isinstance(init, (list, tuple)) and not init):
+    return
+  if _is_dict(init):  # the old single-entry form
+    for key in init.keys():
+      if key not in INIT_KEYS:
+        raise _unknown_key("config.init", key, INIT_KEYS)
+    entries, names = [init], ["config.init"]
+    if not init.get("checkpoint"):
+      return
+  elif isinstance(init, (list, tuple)):
+    entries, names = init, [f"config.init[{i}]" for i in range(len(init))]
+  else:
+    raise ConfigError(f"config.init must be a list of dict(checkpoint=..., params=...) entries "
+                      f"(or None), got {init!r}")
+  for entry, name in zip(entries, names):
+    if not _is_dict(entry):
+      raise ConfigError(f"{name} must be a dict(checkpoint=..., params=...), got {entry!r}")
+    for key in entry.keys():
+      if key not in INIT_KEYS:
+        raise _unknown_key(name, key, INIT_KEYS)
+    checkpoint = entry.get("checkpoint")
+    if not isinstance(checkpoint, str) or not checkpoint:
+      raise ConfigError(f"{name}.checkpoint must be the path of a vljax workdir, checkpoints dir "
+                        f"or step dir, got {checkpoint!r}")
+    if name != "config.init" and "params" not in entry:
+      raise ConfigError(f"{name}.params is missing: a regex over the source's parameter paths, "
+                        f"such as 'img/.*'")
+    _check_regex(f"{name[len('config.'):]}.params", entry.get("params", ""))
+    to = entry.get("to")
+    if to is not None:
+      if not (isinstance(to, (list, tuple)) and len(to) == 2 and all(isinstance(t, str) for t in to)):
+        raise ConfigError(f"{name}.to must be a (regex, replacement) pair such as "
+                          f"('img/(.*)', r'vision/\\1'), got {to!r}")
+      _check_regex(f"{name[len('config.'):]}.to pattern", to[0])
+    dtype = entry.get("dtype")
+    if dtype is not None and dtype not in INIT_DTYPES:
+      raise ConfigError(f"{name}.dtype must be one of {', '.join(INIT_DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16" and not config.optim.freeze:
+      raise ConfigError(f"{name}.dtype='bfloat16' is only for frozen parameters (they have no "
+                        f"optimizer state), but config.optim.freeze is empty")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -318,7 +396,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
   Values are Python literals (`1e-3`, `[('data', 2), ('fsdp', 4)]`, `True` / `true`), or plain
   text for text fields. A value must have its field's type (or its default's, for keys of `data`
   and `evals` the config leaves out); an int may set a float. Lists, tuples and dicts are
-  replaced whole. Keys are those of the schema (see `validate`); under `model` and other open
+  replaced whole: `--config.init="[{'checkpoint': '/w', 'params': 'img/.*'}]"` (dict literals, as
+  ast.literal_eval reads no dict(...) calls). `--config.init.checkpoint=/w` (and `.params`) still
+  sets the deprecated single-entry form when the config has no init list. Keys are those of the schema (see `validate`); under `model` and other open
   dicts any key may be added, and its consumer checks it. Raises ConfigError naming the key.
   """
   for override in overrides:
@@ -330,6 +410,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     keys = path.split(".")
     if not all(keys):
       raise ConfigError(f"--config.{path} is not a config field path")
+    if keys[0] == "init" and len(keys) > 1 and (config.get("init") is None or _is_dict(config.init)):
+      if keys[1] not in INIT_KEYS:
+        raise _unknown_key("config.init", keys[1], INIT_KEYS)
+      if config.get("init") is None:
+        config.init = dict(checkpoint="", params="")  # --config.init.checkpoint=...: the old form
     node, ref, where = config, _reference(), "config"
     for i, key in enumerate(keys):
       if ref and key not in ref:

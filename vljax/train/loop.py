@@ -6,13 +6,11 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,11 +27,12 @@ from vljax.evals.pictures import plot_curves, plot_samples
 from vljax.models import build_model
 from vljax.sharding import make_mesh, replicated
 from vljax.train import optim
-from vljax.train.checkpoint import Checkpointer, load_params
-from vljax.train.config import check_mesh, validate
+from vljax.train.checkpoint import Checkpointer
+from vljax.train.config import check_mesh, init_entries, validate
+from vljax.train.initialise import load_init_params
 from vljax.train.families import Family, LossContext, get_family
 from vljax.train.evaluation import Evaluation, eval_config
-from vljax.train.logging import MetricWriter, Progress, read_jsonl
+from vljax.train.reporting import MetricWriter, Progress, read_jsonl
 from vljax.train.state import TrainState, init_state, state_shardings
 
 log = logging.getLogger("vljax")
@@ -67,27 +66,6 @@ def make_train_step(family: Family, ctx: LossContext, tx: optax.GradientTransfor
   return train_step
 
 
-def _load_init_params(config, params, shardings):
-  """Copies parameters whose path matches config.init.params from config.init.checkpoint."""
-  loaded = flax.traverse_util.flatten_dict(load_params(config.init.checkpoint), sep="/")
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep="/")
-  pattern = re.compile(config.init.params or ".*")
-  wanted = [k for k in flat if pattern.fullmatch(k)]
-  if not wanted:
-    raise ValueError(f"config.init.params={config.init.params!r} matches no parameter")
-  missing = [k for k in wanted if k not in loaded]
-  if missing:
-    raise ValueError(f"checkpoint {config.init.checkpoint!r} lacks {len(missing)} parameter(s) "
-                     f"matching config.init.params: {', '.join(missing[:5])}")
-  for key in wanted:
-    if tuple(loaded[key].shape) != tuple(flat[key].shape):
-      raise ValueError(f"shape mismatch for {key}: checkpoint {loaded[key].shape}, model {flat[key].shape}")
-    flat[key] = jax.device_put(np.asarray(loaded[key], flat[key].dtype), flat_shardings[key])
-  log.info("Initialised %d parameters from %s", len(wanted), config.init.checkpoint)
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
 @dataclasses.dataclass
 class Experiment:
   """Everything built from a config before training: model, mesh, optimizer, shardings, step."""
@@ -108,8 +86,9 @@ class Experiment:
 
   def init(self) -> TrainState:
     state = init_state(self.init_params, self.tx, jax.random.key(self.config.seed), self.shardings)
-    if self.config.init.checkpoint:
-      state = state.replace(params=_load_init_params(self.config, state.params, self.shardings.params))
+    if init_entries(self.config):
+      state = state.replace(params=load_init_params(self.config, state.params, self.shardings.params,
+                                                     self.frozen))
     return state
 
   def context(self):
@@ -248,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   require_source(data_config(config.data))
   exp = build_experiment(config)
-  config, mesh, rules = exp.config, exp.mesh, exp.rules
+  config, mesh = exp.config, exp.mesh
   eval_cfg = eval_config(config.evals)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -297,12 +276,13 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
     log.warning("Stop requested (%s): %s; rerun the same command to resume.",
                 watcher.signal_name, done)
     if watcher.signal_name == "SIGINT":
-      raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved")
+      raise KeyboardInterrupt(f"interrupted at step {step}; " + (
+          "checkpoint saved" if saved else "nothing new to save"))
     return {}
 
   if start < config.total_steps:
-    log.info("Training steps %d-%d; the first step compiles the model (a minute or two on a "
-             "CPU), then a line every %d steps.", start + 1, config.total_steps, config.log_every)
+    log.info("Training steps %d-%d; the first step compiles the model (seconds to "
+             "minutes), then a line every %d steps.", start + 1, config.total_steps, config.log_every)
   progress = Progress(config.total_steps, start, enabled=is_main)
   pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
   t_window = time.time()

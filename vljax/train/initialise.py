@@ -1,0 +1,89 @@
+"""Initialisation of a model's parameters from several checkpoints (`config.init`), e.g. the
+image tower from one run and the text tower from another, as multi-stage recipes need."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vljax.train.checkpoint import load_params
+from vljax.train.config import init_entries
+
+log = logging.getLogger("vljax")
+
+
+def load_init_params(config, params, shardings, frozen):
+  """`params` with the parameters that config.init's entries select copied in (see init_entries).
+
+  Each entry's checkpoint is read once (entries naming the same one share the read). Raises,
+  naming the entry, for a checkpoint that does not exist or holds no vljax checkpoint, a `params`
+  regex that selects nothing, a target this model lacks, a shape mismatch, a parameter written
+  by two entries, bfloat16 for a parameter config.optim.freeze does not freeze, and (for an
+  entry without `to`) parameters of this model matching its `params` that no entry writes.
+  """
+
+  def read(name: str, checkpoint: str) -> dict[str, Any]:
+    if not os.path.exists(checkpoint):
+      raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} does not exist")
+    try:
+      source = load_params(checkpoint)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} holds no vljax checkpoint "
+                              f"({e})") from None
+    return flax.traverse_util.flatten_dict(source, sep="/")
+
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  flat_shardings = flax.traverse_util.flatten_dict(shardings, sep="/")
+  flat_frozen = flax.traverse_util.flatten_dict(frozen, sep="/")
+  sources: dict[str, dict[str, Any]] = {}
+  written: dict[str, str] = {}  # target path -> the entry that wrote it
+  identity = []  # entries without `to`: their regex names parameters of this model too
+  for i, entry in enumerate(init_entries(config)):
+    name, checkpoint = f"config.init[{i}]", entry["checkpoint"]
+    key = os.path.abspath(checkpoint)
+    if key not in sources:
+      sources[key] = read(name, checkpoint)
+    loaded = sources[key]
+    pattern = re.compile(entry["params"])
+    selected = [k for k in loaded if pattern.fullmatch(k)]
+    if not selected:
+      raise ValueError(f"{name}.params={entry['params']!r} matches no parameter of {checkpoint!r} "
+                       f"(its parameters: {', '.join(list(loaded)[:5])}, ...)")
+    if entry["to"] is None:
+      identity.append((name, checkpoint, entry["params"], pattern))
+    targets = {}
+    for src in selected:
+      dst = re.sub(entry["to"][0], entry["to"][1], src, count=1) if entry["to"] else src
+      if dst not in flat:
+        raise ValueError(f"{name} puts {src} at {dst}, which this model does not have"
+                         + (f" (check {name}.to={entry['to']!r})" if entry["to"] else ""))
+      if dst in targets:
+        raise ValueError(f"{name} writes {dst} twice (from {targets[dst]} and {src})")
+      if dst in written:
+        raise ValueError(f"{written[dst]} and {name} both write {dst}")
+      if tuple(loaded[src].shape) != tuple(flat[dst].shape):
+        raise ValueError(f"{name}: {src} has shape {tuple(loaded[src].shape)} in {checkpoint!r}, "
+                         f"but {dst} has shape {tuple(flat[dst].shape)} in this model")
+      if entry["dtype"] == "bfloat16" and not flat_frozen[dst]:
+        raise ValueError(f"{name}.dtype='bfloat16' would hold {dst} in bfloat16, but "
+                         f"config.optim.freeze={config.optim.freeze!r} does not freeze it; only "
+                         f"frozen parameters (no optimizer state) may be held in bfloat16")
+      targets[dst] = src
+    for dst, src in targets.items():
+      dtype = jnp.bfloat16 if entry["dtype"] == "bfloat16" else flat[dst].dtype
+      flat[dst] = jax.device_put(np.asarray(loaded[src], dtype), flat_shardings[dst])
+      written[dst] = name
+    log.info("Initialised %d parameters from %s (%s)", len(targets), checkpoint, name)
+  for name, checkpoint, regex, pattern in identity:  # e.g. a deeper tower than the source's
+    missing = [k for k in flat if pattern.fullmatch(k) and k not in written]
+    if missing:
+      raise ValueError(f"{name}.checkpoint={checkpoint!r} lacks {len(missing)} parameter(s) of "
+                       f"this model matching {name}.params={regex!r} (and no other entry "
+                       f"writes them): {', '.join(missing[:5])}")
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
