@@ -255,6 +255,7 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
   bad_records = bad_record_counter(exp.data_cfg)
   inputs = InputState(data_it, bad_records)  # checkpointed with the model
   start, state = _restore_or_init(exp, checkpointer, inputs)
+  log.info("Rendering the evaluation sets")
   evaluation = Evaluation(exp, eval_cfg)
 
   def evaluate(step: int) -> dict[str, float]:
