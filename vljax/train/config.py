@@ -375,10 +375,8 @@ def _convert(raw: str, current: Any, where: str, allow_none: bool) -> Any:
   elif isinstance(current, float):
     if _is_number(value):
       return float(value)
-    try:
-      return float(raw)  # inf, nan
-    except ValueError:
-      pass
+    if raw.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+      return float(raw)
   elif isinstance(current, (list, tuple)):
     if isinstance(value, (list, tuple)):
       return type(current)(value)
