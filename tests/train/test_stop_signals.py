@@ -168,3 +168,13 @@ def test_ctrl_c_through_main_saves_and_exits_130(tmp_path):
   assert proc.returncode == 0, out
   assert f"Resuming from the checkpoint at step {step}" in out
   assert "could not" not in out and "WARNING" not in out, out
+
+
+def test_a_stop_during_the_last_step_saves_it(tmp_path, monkeypatch):
+  """A signal noted while the last step runs (not in an interruptible section) still saves it."""
+  monkeypatch.setattr(loop.StopWatcher, "requested", lambda self: True)
+  config = _config()
+  config.total_steps = 1
+  config.optim.warmup_steps = 1
+  assert loop.train_and_evaluate(config, str(tmp_path)) == {}
+  assert Checkpointer(str(tmp_path)).latest_step() == 1

@@ -319,7 +319,7 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
         writer.write(step, summary)
         progress.update(step)
         pending, t_window = [], time.time()
-    if (saving or stopping) and step != config.total_steps:
+    if (saving and step != config.total_steps) or stopping:  # the last step is saved below
       checkpointer.save(step, state, inputs)
       saved_step = step
     if stopping:
@@ -329,7 +329,7 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
         evaluate(step)
       except StopRequested:
         return stop(step, saved=saved_step == step)
-  if start < config.total_steps:
+  if saved_step < config.total_steps:
     checkpointer.save(config.total_steps, state, inputs)
   try:
     final = evaluate(config.total_steps)
