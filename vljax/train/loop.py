@@ -267,18 +267,18 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
     return metrics
 
   def stop(step: int, saved: bool) -> dict:
-    saved = saved and step > start
-    if not saved and step > start:
+    """Checkpoints `step` unless it is saved already (or nothing was trained), then stops."""
+    trained = step > start
+    if trained and not saved:
       checkpointer.save(step, state, inputs)
-      saved = True
     checkpointer.close()
-    done = (f"saved the checkpoint of step {step}" if saved else
+    done = (f"saved the checkpoint of step {step}" if trained else
             f"no step since {'the start' if step == 0 else f'step {step}'} to save")
     log.warning("Stop requested (%s): %s; rerun the same command to resume.",
                 watcher.signal_name, done)
     if watcher.signal_name == "SIGINT":
       raise KeyboardInterrupt(f"interrupted at step {step}; " + (
-          "checkpoint saved" if saved else "nothing new to save"))
+          "checkpoint saved" if trained else "nothing new to save"))
     return {}
 
   if start < config.total_steps:
