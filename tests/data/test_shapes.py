@@ -1,4 +1,4 @@
-"""Tests of the shapes world: determinism, splits, held-out pairs, rendering and text views."""
+"""Tests of the shapes world: determinism, splits, held-out pairs, rendering and text captions."""
 import pickle
 import re
 
@@ -6,10 +6,10 @@ import grain
 import numpy as np
 import pytest
 
-from vljax.data import shapes, views
+from vljax.data import shapes, captions
 
 _POSITION_WORDS = "|".join(sorted(shapes.POSITIONS, key=len, reverse=True))
-# Two phrasings an object can have in a caption, read back independently of views.py.
+# Two phrasings an object can have in a caption, read back independently of captions.py.
 _ATTRIBUTES_FIRST = re.compile(
     rf"\b(small|large) (\w+) (\w+) (?:at the|on the|in the) ({_POSITION_WORDS})\b")
 _POSITION_FIRST = re.compile(rf"(?:^|, |and )({_POSITION_WORDS}): a (small|large) (\w+) (\w+)")
@@ -83,14 +83,14 @@ def test_every_caption_states_every_object_exactly():
   for index in range(60):
     scene = world.scene(index)
     expected = sorted(_describe(obj) for obj in scene.objects)
-    all_captions = views.captions(scene)
+    all_captions = captions.captions(scene)
     assert len(set(all_captions)) == len(all_captions) >= 5
-    full = all_captions[:views.FULL_CAPTION_TEMPLATES]
+    full = all_captions[:captions.FULL_CAPTION_TEMPLATES]
     for caption in full:
       assert sorted(_parse_caption(caption)) == expected, caption
     for caption in all_captions:
       assert caption == caption.lower() and caption.endswith(".")
-    for caption in all_captions[views.FULL_CAPTION_TEMPLATES:]:
+    for caption in all_captions[captions.FULL_CAPTION_TEMPLATES:]:
       named = re.findall(r"a (?:(?:small|large) )?(\w+) (\w+)", caption)
       assert sorted(named) == sorted((o.colour, o.shape) for o in scene.objects), caption
       assert not any(p in caption for p in ("top", "bottom", "left", "right", "center"))
@@ -140,11 +140,11 @@ def test_shapes_and_sizes_are_distinguishable():
 
 
 def test_class_names_ids_and_labels_agree():
-  names = views.class_names()
+  names = captions.class_names()
   assert len(names) == len(set(names)) == len(shapes.COLOURS) * len(shapes.SHAPES)
   for colour in shapes.COLOURS:
     for shape in shapes.SHAPES:
-      assert names[views.class_id(colour, shape)] == f"{colour} {shape}"
+      assert names[captions.class_id(colour, shape)] == f"{colour} {shape}"
   single = shapes.ShapesWorld("validation", max_objects=1)
   for index in range(100):
     example, (obj,) = single[index], single.scene(index).objects
@@ -152,7 +152,7 @@ def test_class_names_ids_and_labels_agree():
     assert names[example["label"]] == f"{obj.colour} {obj.shape}"
   several = shapes.ShapesWorld("validation", min_objects=2)
   assert all(several[index]["label"] == -1 for index in range(10))
-  for template in views.ZEROSHOT_TEMPLATES:
+  for template in captions.ZEROSHOT_TEMPLATES:
     assert template.count("{}") == 1
 
 

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from vljax.data import shapes, shapes_qa, views
+from vljax.data import captions, shapes, shapes_qa
 from vljax.evals import vqa
 
 
@@ -24,7 +24,7 @@ _PLURAL_TO_SHAPE = {shape + ("es" if shape.endswith("s") else "s"): shape
 def _referred(scene, reference):
   """The objects a reference such as "small red circle" or "object on the left" fits."""
   if reference.startswith("object "):
-    cell = views.POSITION_PHRASES.index(reference[len("object "):])
+    cell = captions.POSITION_PHRASES.index(reference[len("object "):])
     return [o for o in scene.objects if o.row * shapes.GRID_SIZE + o.col == cell], {"position"}
   named = {}
   for word in reference.split():

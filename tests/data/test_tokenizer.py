@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from vljax.data import shapes, tokenizer, views
+from vljax.data import captions, shapes, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def _scene_captions(num_scenes):
   for split in shapes.SPLITS:
     world = shapes.ShapesWorld(split, seed=5)
     for index in range(num_scenes):
-      texts.extend(views.captions(world.scene(index)))
+      texts.extend(captions.captions(world.scene(index)))
   return texts
 
 
@@ -29,12 +29,12 @@ def test_captions_round_trip_and_fit_in_32_tokens(shapes_tok):
   assert shapes_tok.decode(ids) == texts
   lengths = (ids != shapes_tok.pad_id).sum(axis=1)
   assert lengths.max() <= 32  # eos included
-  prompts = [t.format(name) for t in views.ZEROSHOT_TEMPLATES for name in views.class_names()]
+  prompts = [t.format(name) for t in captions.ZEROSHOT_TEMPLATES for name in captions.class_names()]
   assert shapes_tok.decode(shapes_tok.encode(prompts, max_len=16)) == prompts
 
 
 def test_corpus_encodes_without_unk_and_words_are_single_tokens(shapes_tok):
-  corpus = views.text_corpus()
+  corpus = captions.text_corpus()
   ids = shapes_tok.encode(corpus, max_len=96)
   assert not (ids == shapes_tok.unk_id).any()
   words = tokenizer.corpus_words(corpus)

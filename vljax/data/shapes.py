@@ -3,7 +3,7 @@
 Each scene holds 1-3 coloured shapes on a dark background, one per cell of a 3x3 grid. A scene is
 a pure function of (seed, split, index), so any example can be produced on any host without
 state, which is what grain's random-access sources and exact resume need. This module samples
-and renders scenes; `vljax.data.views` turns a scene into text (captions, labels, ...).
+and renders scenes; `vljax.data.captions` turns a scene into text (captions, labels, ...).
 """
 from __future__ import annotations
 
@@ -294,14 +294,14 @@ class ShapesWorld:
 
   def example(self, index: SupportsIndex) -> dict[str, Any]:
     """The example at `index`: image, one caption (template chosen by index), label, index."""
-    # views builds text from this module's vocabularies, so it is imported at call time.
-    from vljax.data import views
+    # captions builds text from this module's vocabularies, so it is imported at call time.
+    from vljax.data import captions
 
     scene = self.scene(index)
     return {
         "image": self.render(scene),
-        "caption": views.caption(scene, variant=scene.index),
-        "label": views.label(scene),
+        "caption": captions.caption(scene, variant=scene.index),
+        "label": captions.label(scene),
         "index": scene.index,
     }
 
@@ -309,7 +309,7 @@ class ShapesWorld:
     """`count` shape-changed copies of example `index` (see `shape_variants`), captioned with the
     same template; deterministic in (seed, split, index, count). A scene with too few alternative
     shapes repeats its last variant (or itself), so the count is always `count`."""
-    from vljax.data import views  # pylint: disable=import-outside-toplevel
+    from vljax.data import captions  # pylint: disable=import-outside-toplevel
 
     if count < 1:
       raise ValueError(f"count must be >= 1, got {count}")
@@ -318,8 +318,8 @@ class ShapesWorld:
         [self.seed, split_seed_id(self.split), scene.index, 1]))
     variants = shape_variants(scene, rng, self._pairs, count) or [scene]
     variants += variants[-1:] * (count - len(variants))
-    return [{"image": self.render(v), "caption": views.caption(v, variant=scene.index),
-             "label": views.label(v), "index": scene.index} for v in variants]
+    return [{"image": self.render(v), "caption": captions.caption(v, variant=scene.index),
+             "label": captions.label(v), "index": scene.index} for v in variants]
 
   def __getitem__(self, index: SupportsIndex) -> dict[str, Any]:
     return self.example(index)

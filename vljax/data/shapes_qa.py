@@ -16,7 +16,7 @@ are short, lower-case and already in the normal form of `vljax.evals.vqa.normali
 answer: objects of a training scene never have them, and "no" existence questions name only
 pairs of the scene's split (every pair in validation, the held-out ones included).
 
-The answers' vocabulary (digits, "yes", "?") is not in `views.text_corpus`, which the existing
+The answers' vocabulary (digits, "yes", "?") is not in `captions.text_corpus`, which the existing
 shapes tokenizer is trained on; `text_corpus` here lists the extra texts a VQA tokenizer needs.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from vljax.data import shapes, views
+from vljax.data import shapes, captions
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "size", "count", "position", "existence")
 
@@ -92,7 +92,7 @@ def _reference(obj: shapes.ShapeObject, attributes: dict[str, str],
                naming: tuple[str, ...]) -> str:
   """The words after "the": "circle", "red object", "small red circle", "object on the left"."""
   if naming == ("position",):
-    return f"object {views.position_phrase(obj)}"
+    return f"object {captions.position_phrase(obj)}"
   words = [attributes[name] for name in naming]
   if "shape" not in naming:
     words.append("object")

@@ -1,6 +1,6 @@
 """SentencePiece tokenizers: a picklable wrapper, and the shapes-world tokenizer trained on demand.
 
-The shapes tokenizer is trained deterministically from `views.text_corpus()` in memory and cached
+The shapes tokenizer is trained deterministically from `captions.text_corpus()` in memory and cached
 on disk under a name that hashes the corpus and the trainer settings, so every process (and every
 grain worker) of a run agrees on the same vocabulary without shipping a model file.
 """
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from vljax.data import views
+from vljax.data import captions
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -251,13 +251,13 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def shapes_tokenizer(vocab_size: int | None = None, cache_dir: str | None = None) -> Tokenizer:
-  """The tokenizer of the shapes world, trained on `views.text_corpus()` and cached on disk.
+  """The tokenizer of the shapes world, trained on `captions.text_corpus()` and cached on disk.
 
   `vocab_size=None` picks the smallest vocabulary in which every corpus word is one token, so
   captions stay short. A missing or unusable cache file is (re)built; the model is a pure
   function of the corpus and settings, so concurrent builders write identical bytes.
   """
-  corpus = views.text_corpus()
+  corpus = captions.text_corpus()
   path = os.path.join(cache_dir or default_cache_dir(),
                       f"shapes_tokenizer_{_cache_key(corpus, vocab_size)}.model")
   if os.path.exists(path):

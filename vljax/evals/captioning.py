@@ -7,7 +7,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from vljax.data import views
+from vljax.data import captions
 from vljax.data.pipeline import make_source
 from vljax.data.tokenizer import Tokenizer
 from vljax.evals.caption_metrics import caption_scores, tokenize_caption
@@ -23,7 +23,7 @@ class CaptioningEvaluator:
     source = make_source(data_cfg, "validation")
     scenes = [source.scene(i) for i in range(num_images)]
     self.images = np.stack([source.render(scene) for scene in scenes])
-    self.references = {i: [tokenize_caption(c) for c in views.captions(scene)]
+    self.references = {i: [tokenize_caption(c) for c in captions.captions(scene)]
                        for i, scene in enumerate(scenes)}
     self.batch_size = batch_size
     self.tokenizer = tokenizer

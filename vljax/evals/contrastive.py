@@ -7,7 +7,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from vljax.data import views
+from vljax.data import captions
 from vljax.data.pipeline import encode_texts, make_source
 from vljax.data.tokenizer import Tokenizer
 from vljax.evals.retrieval import retrieval_metrics
@@ -37,8 +37,8 @@ class ImageTextEvaluator:
     zs = [single.example(i) for i in range(eval_cfg.zeroshot_images)]
     self.zs_images = np.stack([e["image"] for e in zs])
     self.zs_labels = np.array([e["label"] for e in zs])
-    self.class_names = views.class_names()
-    held_out = {views.class_id(c, s) for c, s in single.held_out}
+    self.class_names = captions.class_names()
+    held_out = {captions.class_id(c, s) for c, s in single.held_out}
     self.zs_held_out = np.array([label in held_out for label in self.zs_labels])
     pairs_source = make_source(data_cfg, "validation")
     pairs = [pairs_source.example(i) for i in range(eval_cfg.retrieval_pairs)]
@@ -53,7 +53,7 @@ class ImageTextEvaluator:
     """`embed_images(uint8 [b,H,W,3])` and `embed_texts(int32 [b,L])` give L2-normalised rows."""
     bs = self.cfg.batch_size
     text_fn = lambda texts: batched(embed_texts, self.tokenize(texts), bs)
-    classifier = zeroshot_classifier(text_fn, self.class_names, views.ZEROSHOT_TEMPLATES)
+    classifier = zeroshot_classifier(text_fn, self.class_names, captions.ZEROSHOT_TEMPLATES)
     zs_emb = batched(embed_images, self.zs_images, bs)
     metrics = zeroshot_accuracy(zs_emb, classifier, self.zs_labels)
     if self.zs_held_out.any():

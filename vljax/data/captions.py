@@ -1,4 +1,4 @@
-"""Text views of a shapes-world scene: captions, class labels and zero-shot prompts.
+"""Texts of a shapes-world scene: captions, class labels and zero-shot prompts.
 
 The first FULL_CAPTION_TEMPLATES captions name every object's size, colour, shape and position,
 so they identify a scene up to rendering jitter (what retrieval needs); the shorter ones name
