@@ -37,8 +37,8 @@ OVERRIDES = [
     "model.image.width=32", "model.image.depth=1", "model.image.mlp_dim=64",
     "model.image.num_heads=2", "model.text.width=32", "model.text.depth=1",
     "model.text.mlp_dim=64", "model.text.num_heads=2", "model.embed_dim=16", "batch_size=16",
-    "data.image_size=32", "evals.zeroshot_images=48", "evals.retrieval_pairs=32",
-    "evals.batch_size=16", "evals.sample_images=4", "optim.warmup_steps=10", "log_every=1",
+    "data.image_size=32", "evals.zeroshot.images=48", "evals.retrieval.pairs=32",
+    "evals.zeroshot.batch_size=16", "evals.retrieval.batch_size=16", "optim.warmup_steps=10", "log_every=1",
 ]
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 

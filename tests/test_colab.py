@@ -92,7 +92,8 @@ def _tiny(load_config):
     config.model.text = dict(config.model.text, width=32, depth=1, mlp_dim=64, num_heads=2)
     config.model.embed_dim = 16
     config.data = dict(image_size=32, max_text_len=16)
-    config.evals = dict(zeroshot_images=48, retrieval_pairs=40, batch_size=16)
+    config.evals = dict(zeroshot=dict(type="zeroshot", images=48, batch_size=16),
+                        retrieval=dict(type="retrieval", pairs=40, batch_size=16))
     return config
 
   return load

@@ -1,5 +1,5 @@
 """Decoding: KV cache == full recomputation, beam search vs greedy and exhaustive search,
-sampling filters, EOS handling; everything under jax.jit."""
+sampling filters, EOS handling, cache layouts; everything under jax.jit."""
 import functools
 import itertools
 
@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 from vljax import decode
+from vljax.nn import BlockConfig, Transformer
 
 PAD, EOS, BOS = 0, 1, 2
 
@@ -408,3 +409,32 @@ def test_negative_length_penalty_is_rejected():
   with pytest.raises(ValueError, match="length_penalty"):
     decode.beam_search(lambda t, c, p: (None, c), (), jnp.zeros((1, 1), jnp.int32),
                        max_new_tokens=2, beam_size=2, eos_id=EOS, length_penalty=-1.0)
+
+
+def test_batch_major_cache_round_trips_a_scanned_cache():
+  """A scanned stack's flax cache ([depth, B, ...] keys, [depth] indices) becomes batch-major
+  ([B, depth, ...], one scalar index) so beam search can gather rows, and comes back intact."""
+  depth, batch, length, width = 3, 2, 5, 8
+  stack = Transformer(depth, BlockConfig(num_heads=2, mlp_dim=16, decode=True), scan=True)
+  x = jnp.zeros((batch, length, width))
+  layer_major = jax.eval_shape(stack.init, jax.random.key(0), x)["cache"]
+  rng = np.random.default_rng(0)
+  layer_major = jax.tree.map(lambda s: jnp.asarray(rng.integers(0, 9, s.shape), s.dtype),
+                             layer_major)
+  attention = layer_major["layers"]["self_attn"]
+  attention["cache_index"] = jnp.full((depth,), 4, jnp.int32)  # all layers advance together
+  batch_major = decode.batch_major_cache(layer_major, scanned=True)
+  got = batch_major["layers"]["self_attn"]
+  assert got["cached_key"].shape == (batch, depth, length, 2, 4)
+  np.testing.assert_array_equal(got["cached_value"][1, 2], attention["cached_value"][2, 1])
+  assert got["cache_index"].shape == () and got["cache_index"] == 4
+  # Per-example leaves are the batch-major ones: beam expansion repeats them, not the index.
+  expanded = decode.expand_cache(batch_major, 3, batch_size=batch)
+  assert expanded["layers"]["self_attn"]["cached_key"].shape == (3 * batch, depth, length, 2, 4)
+  back = decode.layer_major_cache(batch_major, scanned=True)
+  assert jax.tree.structure(back) == jax.tree.structure(layer_major)
+  for want, have in zip(jax.tree.leaves(layer_major), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(have, want)
+  # An unscanned cache is batch-major already.
+  assert decode.batch_major_cache({"a": 1}, scanned=False) == {"a": 1}
+  assert decode.layer_major_cache({"a": 1}, scanned=False) == {"a": 1}

@@ -16,7 +16,8 @@ step function sees is per-example state; beam search repeats those rows for ever
   * per-example conditioning that the step function needs (image embeddings for
     cross-attention, prefix masks) belongs in the cache, so that beams see their own example;
   * cache leaves must be batch-major ([B, ...]); a scanned layer stack whose leaves are
-    [depth, B, ...] should move the batch axis first in its step function wrapper;
+    [depth, B, ...] moves the batch axis first in its step function wrapper
+    (`batch_major_cache` / `layer_major_cache`);
   * a shared leaf must not have a leading size equal to the (beam-expanded) batch.
 
 Prompts: `prompt_bl` holds at least one token per example (e.g. BOS) and `prompt_len_b` its
@@ -34,7 +35,7 @@ not be closed over outside it, or they get baked into the program as constants.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -85,6 +86,40 @@ def expand_cache(cache: PyTree, n: int, batch_size: int) -> PyTree:
 def gather_cache(cache: PyTree, indices_n: jax.Array, batch_size: int) -> PyTree:
   """Takes rows `indices_n` (int[N]) of every per-example cache leaf of batch `batch_size`."""
   return _map_batch_leaves(lambda x: jnp.take(x, indices_n, axis=0), cache, batch_size)
+
+
+def map_attention_caches(fn: Callable[[dict], dict], cache: Mapping) -> dict:
+  """Applies `fn` to every attention layer's {cached_key, cached_value, cache_index} dict of a
+  flax "cache" collection (as `vljax.nn.MultiHeadAttention` writes it), keeping the nesting."""
+  if "cached_key" in cache:
+    return fn(dict(cache))
+  return {name: map_attention_caches(fn, sub) for name, sub in cache.items()}
+
+
+def batch_major_cache(cache: Mapping, scanned: bool) -> dict:
+  """A model's flax KV cache in the batch-major layout the decoders need (see the module doc).
+
+  A scanned layer stack (`Transformer(scan=True)`) stores keys and values [depth, B, L, H, K]
+  and one cache index per layer [depth]; here they become [B, depth, L, H, K] and one scalar
+  index (all layers advance together). An unscanned cache is batch-major already and is
+  returned as is. `layer_major_cache` undoes this before the model is applied.
+  """
+  if not scanned:
+    return dict(cache)
+  return map_attention_caches(lambda c: {
+      "cached_key": jnp.moveaxis(c["cached_key"], 0, 1),
+      "cached_value": jnp.moveaxis(c["cached_value"], 0, 1),
+      "cache_index": c["cache_index"][0]}, cache)
+
+
+def layer_major_cache(cache: Mapping, scanned: bool) -> dict:
+  """Inverse of `batch_major_cache`: the layout the model's flax modules read and write."""
+  if not scanned:
+    return dict(cache)
+  return map_attention_caches(lambda c: {
+      "cached_key": jnp.moveaxis(c["cached_key"], 1, 0),
+      "cached_value": jnp.moveaxis(c["cached_value"], 1, 0),
+      "cache_index": jnp.broadcast_to(c["cache_index"], c["cached_key"].shape[1:2])}, cache)
 
 
 def recompute_step_fn(logits_fn: Callable[[jax.Array], jax.Array]) -> StepFn:

@@ -18,16 +18,15 @@ def get_config():
   c.compute_dtype = "bfloat16"
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.model = dict(
-      name="two_tower",
       image=dict(variant="B/16", pool="cls", pre_norm=True, out_bias=False, act="quick_gelu",
                  norm_eps=1e-5, scan=True, remat="dots_no_batch"),
       text=dict(vocab_size=49408, variant="M", causal=True, pool="eot", act="quick_gelu", norm_eps=1e-5,
                 scan=True, remat="dots_no_batch"),
       embed_dim=512,
-      loss="softmax",
   )
   c.data = dict(source="", tokenizer="", image_size=224, max_text_len=77, image_mean=(0.48145466, 0.4578275, 0.40821073),
                 image_std=(0.26862954, 0.26130258, 0.27577711))
+  c.loss.contrastive = "softmax"
   c.loss.impl = "chunked"
   c.loss.chunk_size = 4096
   c.optim.lr = 5e-4

@@ -14,8 +14,8 @@ captions; record i is paired with caption i % count. Zero-shot class names come 
 ClassLabel ("aquarium_fish" -> "aquarium fish"); imagenet2012 names its classes by WordNet id, so
 an ImageNet entry needs `class_names` (a list or a text file, one name a line), e.g.
 
-  c.evals.tfds_zeroshot.imagenet = dict(name="imagenet2012", split="validation",
-                                        class_names="/data/imagenet_classnames.txt")
+  c.evals.zeroshot_imagenet = dict(type="tfds_zeroshot", name="imagenet2012",
+                                  split="validation", class_names="/data/imagenet_classnames.txt")
 """
 from vljax.train.config import load_config
 
@@ -31,8 +31,11 @@ def get_config():
       tfds_caption_key="captions/text",
   ))
   c.evals = dict(
-      tfds_zeroshot=dict(
-          cifar100=dict(split="test"),  # class names and templates from the defaults
-      ),
+      # Retrieval on the Karpathy test split (one caption per image: record i takes caption
+      # i % 5), read from TFDS like the training data (data_dir: config.data.tfds_data_dir).
+      retrieval=dict(type="retrieval", pairs=5000,
+                     source=dict(kind="tfds", name="coco_captions/2014", split="test")),
+      # Class names and templates from the defaults.
+      zeroshot_cifar100=dict(type="tfds_zeroshot", name="cifar100", split="test"),
   )
   return c

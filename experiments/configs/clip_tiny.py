@@ -14,15 +14,16 @@ def get_config():
   c.eval_every = 525
   c.checkpoint_every = 300
   c.model = dict(
-      name="two_tower",
       image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8, stem="conv",
                  pool="gap"),
       text=dict(width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot"),
       embed_dim=128,
-      loss="softmax",
   )
+  c.loss.contrastive = "softmax"
   c.data = dict(image_size=48, max_text_len=32, shape_siblings=1)
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 1e-4
+  c.evals = dict(zeroshot=dict(type="zeroshot", images=960),
+                 retrieval=dict(type="retrieval", pairs=1000))
   return c

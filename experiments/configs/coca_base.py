@@ -19,7 +19,7 @@ def get_config():
   c.checkpoint_every = 2_000
   c.compute_dtype = "bfloat16"
   c.mesh = [("data", -1), ("fsdp", 8), ("tensor", 1)]
-  c.model = dict(name="coca", variant="base", vocab_size=64_000,
+  c.model = dict(variant="base", vocab_size=64_000,
                  image=dict(scan=True, remat="dots_no_batch"), scan=True, remat="dots_no_batch")
   c.data = dict(source="", tokenizer="", image_size=288, max_text_len=64, text_bos=True)
   c.loss.impl = "chunked"

@@ -20,7 +20,6 @@ def get_config():
   c.eval_every = 450
   c.checkpoint_every = 300
   c.model = dict(
-      name="coca",
       image=dict(width=128, depth=3, mlp_dim=512, num_heads=4, patch_size=8, stem="conv"),
       width=128, num_heads=4, mlp_dim=512, unimodal_depth=1, multimodal_depth=1,
       num_caption_queries=16,
@@ -31,5 +30,7 @@ def get_config():
   c.loss.caption_weight = 2.0
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
-  c.evals = dict(captioning_images=200)
+  c.evals = dict(zeroshot=dict(type="zeroshot", images=960),
+                 retrieval=dict(type="retrieval", pairs=1000),
+                 captioning=dict(type="captioning", images=200))
   return c

@@ -17,16 +17,15 @@ def get_config():
   c.checkpoint_every = 1_000
   c.compute_dtype = "bfloat16"
   c.model = dict(
-      name="two_tower",
       image=dict(variant="B/16", pool="map", act="gelu_tanh", scan=True, remat="dots_no_batch"),
       text=dict(vocab_size=32000, variant="B", causal=False, pool="last", mask_padding=False, act="gelu_tanh",
                 out_bias=True,
                 scan=True, remat="dots_no_batch"),
       embed_dim=768,
-      loss="sigmoid",
       max_scale=None,
   )
   c.data = dict(source="", tokenizer="", image_size=224, max_text_len=64)
+  c.loss.contrastive = "sigmoid"
   c.loss.impl = "chunked"
   c.loss.chunk_size = 4096
   c.optim.lr = 1e-3

@@ -20,7 +20,7 @@ def get_config():
   c.data.shape_siblings = 2
   c.total_steps = 2600
   c.eval_every = 1300
-  c.model.loss = "sigmoid"
+  c.loss.contrastive = "sigmoid"
   c.model.temperature_init = None  # log 10 for the sigmoid loss
   c.model.bias_init = -10.0
   c.model.max_scale = None  # SigLIP does not clamp the scale

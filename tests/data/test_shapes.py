@@ -221,3 +221,26 @@ def test_shape_variants_run_out_of_alternatives_gracefully():
   assert shapes.shape_variants(scene, np.random.default_rng(0), pairs[:1], 3) == []
   with pytest.raises(ValueError, match="count"):
     world.siblings(0, 0)
+
+
+def test_object_box_bounds_what_is_painted():
+  """object_box follows _draw_object's outlines: a star is narrower and shorter than its square."""
+  image_size = 64
+  for shape in shapes.SHAPES:
+    obj = shapes.ShapeObject(shape=shape, colour="white", size="large", row=1, col=2,
+                             offset_x=0.03, offset_y=-0.02)
+    image = shapes.render_scene(shapes.Scene((obj,), index=0, split="train"), image_size)
+    ys, xs = np.nonzero((image.astype(int) != shapes.BACKGROUND).any(-1))
+    painted = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    np.testing.assert_allclose(shapes.object_box(obj, image_size), painted, atol=1.0)
+    np.testing.assert_allclose(np.array(shapes.object_box(obj)) * image_size,
+                               shapes.object_box(obj, image_size))
+  x1, y1, x2, y2 = shapes.SHAPE_EXTENTS["star"]
+  assert -1 < x1 < -0.9 and y1 == -1 and 0.9 < x2 < 1 and 0.8 < y2 < 0.82
+
+
+def test_annotations_flag_is_a_compared_and_pickled_field():
+  plain, annotated = shapes.ShapesWorld("train"), shapes.ShapesWorld("train", annotations=True)
+  assert plain != annotated and not plain.annotations
+  assert pickle.loads(pickle.dumps(annotated)) == annotated
+  assert "question" in annotated[0] and "question" not in plain[0]

@@ -10,7 +10,8 @@ from vljax.data import captions, shapes, tokenizer
 
 @pytest.fixture(scope="module")
 def shapes_tok(tmp_path_factory):
-  return tokenizer.shapes_tokenizer(cache_dir=str(tmp_path_factory.mktemp("tokenizer_cache")))
+  return tokenizer.shapes_tokenizer(cache_dir=str(tmp_path_factory.mktemp("tokenizer_cache")),
+                                    added_tokens=tokenizer.VISION_TOKENS)
 
 
 def _scene_captions(num_scenes):
@@ -109,8 +110,10 @@ def test_cache_is_reused_rebuilt_when_missing_or_corrupt(shapes_tok, tmp_path, m
 
 
 def test_explicit_vocab_size(tmp_path):
-  tok = tokenizer.shapes_tokenizer(vocab_size=64, cache_dir=str(tmp_path))
-  assert tok.vocab_size == 64
+  tok = tokenizer.shapes_tokenizer(vocab_size=64, cache_dir=str(tmp_path),
+                                   added_tokens=tokenizer.VISION_TOKENS)
+  assert tok.vocab_size == 64 + len(tokenizer.VISION_TOKENS)  # the added tokens come after
+  assert tokenizer.shapes_tokenizer(vocab_size=64, cache_dir=str(tmp_path)).vocab_size == 64
   text = ["a small cyan diamond at the bottom right."]
   assert tok.decode(tok.encode(text, max_len=64)) == text
   with pytest.raises(ValueError, match="vocab_size=100000"):
@@ -134,3 +137,65 @@ def test_from_file_loads_models_and_names_bad_paths(shapes_tok, tmp_path):
   empty.write_bytes(b"")
   with pytest.raises(ValueError, match="empty.model"):
     tokenizer.Tokenizer.from_file(empty)
+
+
+def test_added_tokens_come_after_the_vocabulary_and_keep_every_id(shapes_tok):
+  bare = tokenizer.Tokenizer(shapes_tok.model_proto)
+  assert shapes_tok.added_tokens == tokenizer.VISION_TOKENS and bare.added_tokens == ()
+  num_pieces = bare.vocab_size
+  assert shapes_tok.vocab_size == num_pieces + len(tokenizer.VISION_TOKENS)
+  assert [shapes_tok.token_id(t) for t in tokenizer.VISION_TOKENS] == list(
+      range(num_pieces, shapes_tok.vocab_size))
+  texts = _scene_captions(5) + ["<image> a red circle"]  # encode() reads text as plain text
+  for bos in (False, True):
+    np.testing.assert_array_equal(shapes_tok.encode(texts, 40, bos=bos),
+                                  bare.encode(texts, 40, bos=bos))
+  assert shapes_tok.decode(bare.encode(texts, 40)) == bare.decode(bare.encode(texts, 40))
+  assert shapes_tok.token_id("</s>") == shapes_tok.eos_id  # pieces are found by their text too
+  with pytest.raises(KeyError, match="<image>"):
+    bare.token_id("<image>")
+
+
+def test_tokenize_and_decode_added_tokens(shapes_tok):
+  image, end = shapes_tok.token_id("<image>"), shapes_tok.token_id("<|endofchunk|>")
+  red_circle = shapes_tok.tokenize("a red circle")
+  assert red_circle == shapes_tok.encode(["a red circle"], 8, eos=False)[0][:3].tolist()
+  ids = shapes_tok.tokenize("<image>a red circle<|endofchunk|><image> a red circle")
+  assert ids == [image] + red_circle + [end, image] + red_circle
+  pad, bos, eos = shapes_tok.pad_id, shapes_tok.bos_id, shapes_tok.eos_id
+  rows = [[bos, image] + red_circle + [end, pad, eos, image], [image, pad, end, pad] + [pad] * 5]
+  assert shapes_tok.decode(np.array(rows)) == ["<image>a red circle<|endofchunk|>",
+                                               "<image><|endofchunk|>"]
+  assert shapes_tok.tokenize("") == [] and shapes_tok.decode([[]]) == [""]
+  with pytest.raises(TypeError):
+    shapes_tok.tokenize(["a red circle"])
+
+
+def test_added_tokens_pickle_and_extend(shapes_tok):
+  restored = pickle.loads(pickle.dumps(shapes_tok))
+  assert restored.added_tokens == shapes_tok.added_tokens
+  assert restored.vocab_size == shapes_tok.vocab_size
+  text = "<ref>a red circle</ref><box>"
+  assert restored.tokenize(text) == shapes_tok.tokenize(text)
+  bare = tokenizer.Tokenizer(shapes_tok.model_proto)
+  extended = bare.with_added_tokens(["<image>", "<extra>"]).with_added_tokens(["<extra>", "<b>"])
+  assert extended.added_tokens == ("<image>", "<extra>", "<b>")
+  assert extended.token_id("<b>") == bare.vocab_size + 2 == extended.vocab_size - 1
+  # A token that already is a piece keeps that piece's id and does not grow the vocabulary.
+  with_piece = bare.with_added_tokens(["red", "<x>"])
+  assert with_piece.token_id("red") == bare.token_id("red")
+  assert with_piece.tokenize("red") == [bare.token_id("red")]
+  assert with_piece.vocab_size == bare.vocab_size + 1
+  for bad, error in (((("<a>", "<a>")), ValueError), (("",), TypeError), ("<a>", TypeError)):
+    with pytest.raises(error):
+      tokenizer.Tokenizer(shapes_tok.model_proto, added_tokens=bad)
+
+
+def test_train_tokenizer_covers_its_corpus():
+  corpus = ["question: how many objects? answer: 2", "(0,1,2,3,4,5,6,7,8,9)"]
+  tok = tokenizer.train_tokenizer(corpus)
+  text = "<box>(250,907),(13,999)</box>"
+  ids = tok.tokenize(text)
+  assert tok.unk_id not in ids and tok.decode([ids]) == [text]
+  with pytest.raises(ValueError, match="vocab_size=5"):
+    tokenizer.train_tokenizer(corpus, vocab_size=5)

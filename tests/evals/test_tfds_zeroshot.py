@@ -2,7 +2,6 @@
 names from the ClassLabel feature, templates, hand-checked top-1 / top-5, skipped records, spec
 validation, and the hook in the training evaluation."""
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -11,8 +10,10 @@ from tests.tfds_helpers import build_dataset, encode
 from tests.train.helpers import tiny_config
 from vljax.data.pipeline import data_config
 from vljax.data.tokenizer import shapes_tokenizer
-from vljax.evals.tfds_zeroshot import DEFAULT_TEMPLATES, TfdsZeroShotEvaluator
-from vljax.train.evaluation import EVAL_DEFAULTS, Evaluation, eval_config
+from vljax.errors import ConfigError
+from vljax.evals.base import Environment, evaluator_settings
+from vljax.evals.tfds_zeroshot import DEFAULT_TEMPLATES, TfdsZeroShot
+from vljax.train.evaluation import Evaluation
 from vljax.train.loop import build_experiment
 
 LABELS = ["red_circle", "green_square", "blue_triangle", "yellow_circle", "purple_square",
@@ -49,10 +50,11 @@ def data_dir(tmp_path_factory):
   return str(directory)
 
 
-def _evaluator(data_dir, key="colours", **spec):
+def _evaluator(data_dir, key="zeroshot_colours", **spec):
   data = data_config(dict(image_size=8, max_text_len=64, tfds_data_dir=data_dir))
-  spec = {"name": "vljax_tiny_colours", **spec}
-  return TfdsZeroShotEvaluator(key, spec, data, shapes_tokenizer(), batch_size=3)
+  settings = evaluator_settings(key, {"type": "tfds_zeroshot", "name": "vljax_tiny_colours",
+                                      "batch_size": 3, **spec})
+  return TfdsZeroShot(key, settings, Environment(data, shapes_tokenizer()))
 
 
 def _fake_embedders(evaluator):
@@ -70,74 +72,82 @@ def _fake_embedders(evaluator):
 
   def embed_texts(tokens):
     return np.eye(len(evaluator.class_names))[[prompt_class[tuple(row)] for row in tokens]]
-  return embed_images, embed_texts
+  def predict(name, inputs):
+    return (embed_images(inputs["image"]) if name == "embed_images"
+            else embed_texts(inputs["text"]))
+  return predict
 
 
 def test_hand_checked_top1_top5_and_skipped(data_dir):
   evaluator = _evaluator(data_dir, templates=("a photo of a {}.", "{}"))
   assert evaluator.class_names == [n.replace("_", " ") for n in LABELS]
   assert evaluator.templates == ("a photo of a {}.", "{}")
-  metrics = evaluator.run(*_fake_embedders(evaluator))
+  metrics = evaluator.run(_fake_embedders(evaluator))
   assert metrics == {"zeroshot_colours/top1": pytest.approx(6 / 8),
                      "zeroshot_colours/top5": pytest.approx(7 / 8),
                      "zeroshot_colours/images": 8.0, "zeroshot_colours/skipped": 1.0}
 
 
 def test_default_templates_num_images_and_explicit_names(data_dir, tmp_path):
-  evaluator = _evaluator(data_dir, key="first3", num_images=3)
+  evaluator = _evaluator(data_dir, key="zeroshot_first3", num_images=3)
   assert evaluator.templates == DEFAULT_TEMPLATES
-  metrics = evaluator.run(*_fake_embedders(evaluator))
+  metrics = evaluator.run(_fake_embedders(evaluator))
   assert metrics["zeroshot_first3/top1"] == 1.0 and metrics["zeroshot_first3/images"] == 3.0
   names = tmp_path / "names.txt"
   names.write_text("\n".join(["crimson", "lime", "navy", "lemon", "violet", "amber"]) + "\n\n")
   evaluator = _evaluator(data_dir, class_names=str(names), split="train")
   assert evaluator.class_names == ["crimson", "lime", "navy", "lemon", "violet", "amber"]
-  assert evaluator.run(*_fake_embedders(evaluator))["zeroshot_colours/top1"] == 1.0
+  assert evaluator.run(_fake_embedders(evaluator))["zeroshot_colours/top1"] == 1.0
 
 
 def test_unusable_class_names_are_refused(data_dir):
   with pytest.raises(ValueError, match=r"WordNet ids \(n01440764, n01443537, \.\.\.\).*"
-                     r"config\.evals\.tfds_zeroshot\.fish\.class_names"):
-    _evaluator(data_dir, key="fish", name="vljax_tiny_wordnet", split="validation")
-  fish = _evaluator(data_dir, key="fish", name="vljax_tiny_wordnet", split="validation",
+                     r"config\.evals\.zeroshot_fish\.class_names"):
+    _evaluator(data_dir, key="zeroshot_fish", name="vljax_tiny_wordnet", split="validation")
+  fish = _evaluator(data_dir, key="zeroshot_fish", name="vljax_tiny_wordnet", split="validation",
                     class_names=["tench", "goldfish"])
   assert fish.class_names == ["tench", "goldfish"]
   with pytest.raises(ValueError, match=r"class_names has 2 names but .* has 6 classes"):
     _evaluator(data_dir, class_names=["red", "green"])
-  with pytest.raises(ValueError, match=r"config\.evals\.tfds_zeroshot\.colours\.label_key='image' "
+  with pytest.raises(ValueError, match=r"config\.evals\.zeroshot_colours\.label_key='image' "
                      r"is a Image"):
     _evaluator(data_dir, label_key="image")
-  with pytest.raises(FileNotFoundError, match=r"config\.evals\.tfds_zeroshot\.cifar100 .*"
+  with pytest.raises(FileNotFoundError, match=r"config\.evals\.zeroshot_cifar100 .*"
                      r"tfds build cifar100"):
-    _evaluator(data_dir, key="cifar100", name="")
+    _evaluator(data_dir, key="zeroshot_cifar100", name="cifar100")
+  with pytest.raises(ConfigError, match=r"config\.evals\.zeroshot_cifar100\.name: give the TFDS"):
+    _evaluator(data_dir, key="zeroshot_cifar100", name="")
 
 
-def test_eval_config_defaults_and_spec_errors():
-  assert eval_config({}).tfds_zeroshot == ml_collections.ConfigDict()
-  assert {k: v for k, v in eval_config({}).items() if k != "tfds_zeroshot"} == {
-      k: v for k, v in EVAL_DEFAULTS.items() if k != "tfds_zeroshot"}
-  cfg = eval_config(dict(tfds_zeroshot=dict(cifar100=dict(split="test[:100]"))))
-  assert cfg.tfds_zeroshot.cifar100.split == "test[:100]"
-  assert cfg.tfds_zeroshot.cifar100.label_key == "label"
-  with pytest.raises(ValueError, match=r"config\.evals\.tfds_zeroshot\.cifar100\.splt"):
-    eval_config(dict(tfds_zeroshot=dict(cifar100=dict(splt="test"))))
-  with pytest.raises(ValueError, match=r"config\.evals\.tfds_zeroshot\.cifar100\.templates"):
-    eval_config(dict(tfds_zeroshot=dict(cifar100=dict(templates=("a photo",)))))
-  with pytest.raises(ValueError, match=r"config\.evals\.tfds_zeroshot\.cifar100 must be a dict"):
-    eval_config(dict(tfds_zeroshot=dict(cifar100="test")))
+def test_settings_defaults_and_errors():
+  settings = evaluator_settings("zeroshot_cifar100", dict(type="tfds_zeroshot", name="cifar100",
+                                                          split="test[:100]"))
+  assert settings.split == "test[:100]" and settings.label_key == "label"
+  assert settings.every == 0 and settings.batch_size == 200
+  with pytest.raises(ConfigError, match=r"config\.evals\.zs\.splt for an evaluator of type "
+                                        r"'tfds_zeroshot'"):
+    evaluator_settings("zs", dict(type="tfds_zeroshot", splt="test"))
+  with pytest.raises(ConfigError, match=r"config\.evals\.zs\.templates: 'a photo' must hold"):
+    evaluator_settings("zs", dict(type="tfds_zeroshot", templates=("a photo",)))
+  with pytest.raises(ConfigError, match=r"config\.evals\.zs must be a dict with a 'type'"):
+    evaluator_settings("zs", "test")
+  with pytest.raises(ConfigError, match=r"config\.evals\.zs\.type='tfds'; choose one of .*tfds_zeroshot"):
+    evaluator_settings("zs", dict(type="tfds"))
 
 
 def test_training_evaluation_reports_tfds_zeroshot(data_dir):
   """The hook in vljax.train.evaluation: a tiny model's metrics gain the TFDS entries."""
   config = tiny_config()
   config.data = dict(image_size=16, max_text_len=16, tfds_data_dir=data_dir)
-  config.evals = dict(zeroshot_images=16, retrieval_pairs=16, batch_size=8,
-                      tfds_zeroshot=dict(colours=dict(name="vljax_tiny_colours")))
+  config.evals = dict(zeroshot=dict(type="zeroshot", images=16, batch_size=8),
+                      retrieval=dict(type="retrieval", pairs=16, batch_size=8),
+                      zeroshot_colours=dict(type="tfds_zeroshot", name="vljax_tiny_colours",
+                                            batch_size=8))
   exp = build_experiment(config, devices=jax.devices()[:1])
   rng = np.random.default_rng(0)  # random parameters without compiling the initialiser
   params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
                         exp.abstract_state.params)
-  metrics = Evaluation(exp, eval_config(config.evals)).run(params)
+  metrics = Evaluation(exp, config.evals).run(params)
   assert {"zeroshot/top1", "retrieval/i2t/r@1", "zeroshot_colours/top1",
           "zeroshot_colours/top5"} <= set(metrics)
   assert metrics["zeroshot_colours/images"] == 8.0 and metrics["zeroshot_colours/skipped"] == 1.0

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vljax.losses.captioning import captioning_loss, shift_for_captioning
+from vljax.losses.captioning import captioning_loss, decoder_input_length, next_token_targets
 
 PAD = 0
 
@@ -62,11 +62,15 @@ def test_all_padding_gives_zero_loss_not_nan():
   assert float(loss) == 0.0 and float(metrics["cap_tokens"]) == 0.0
 
 
-def test_shift_for_captioning():
+def test_next_token_targets_shift_and_weight_by_mask_loss():
   bos, eos = 2, 1
   text = jnp.array([[bos, 7, 8, 9, eos, PAD],
                     [bos, 5, eos, PAD, PAD, PAD]])
-  inputs, targets, mask = shift_for_captioning(text, PAD)
+  # The second row is a prompt (BOS 5) and an answer (EOS): only the answer is scored.
+  mask_loss = jnp.array([[0, 1, 1, 1, 1, 0],
+                         [0, 0, 1, 0, 0, 0]])
+  inputs, targets, weights = next_token_targets(text, mask_loss)
   np.testing.assert_array_equal(inputs, [[bos, 7, 8, 9, eos], [bos, 5, eos, PAD, PAD]])
   np.testing.assert_array_equal(targets, [[7, 8, 9, eos, PAD], [5, eos, PAD, PAD, PAD]])
-  np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(weights, [[1, 1, 1, 1, 0], [0, 1, 0, 0, 0]])
+  assert weights.dtype == bool and inputs.shape[1] == decoder_input_length(text.shape[1])

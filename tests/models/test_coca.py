@@ -1,6 +1,6 @@
-"""CoCa: output shapes, attentional poolers, decoder masks (causality, the CLS token, padding),
-KV-cache decoding against full recomputation, gradient flow of the joint loss, and parameter
-counts against the paper's Table 1."""
+"""CoCa: named outputs, attentional poolers, decoder masks (causality, the CLS token, padding),
+KV-cache decoding (from BOS or a prompt) against full recomputation, gradient flow of a joint
+loss, the sigmoid variant, and parameter counts against the paper's Table 1."""
 import functools
 
 import flax.linen as nn
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from vljax import decode
-from vljax.models.coca import (PAPER_IMAGE_SIZE, CoCa, coca_loss, decode_step_fn, generate,
-                               init_decode)
+from vljax.models.coca import PAPER_IMAGE_SIZE, CoCa, decode_step_fn, generate, init_decode
 
 PAD, EOS, BOS = 0, 1, 2
 VOCAB, MAX_LEN = 23, 10
@@ -39,6 +38,8 @@ def random_params(model: CoCa, seed: int = 0):
     normal = rng.standard_normal(leaf.shape).astype(np.float32)
     if names[-1] == "t":
       return np.float32(np.log(10.0))
+    if names[-1] == "b":
+      return np.float32(-10.0)
     if names[-1] == "scale":
       return 1.0 + 0.1 * normal
     if names[-1] == "bias":
@@ -69,27 +70,45 @@ def changed(a, b):
   return not np.allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_output_and_aux_shapes():
+def test_named_outputs_and_shapes():
   _, params, forward = build()
-  (zimg, ztxt, logits), aux = forward(params, IMAGES, TOKENS)
-  assert zimg.shape == ztxt.shape == (3, WIDTH)
+  out = forward(params, IMAGES, TOKENS)
+  zimg, ztxt = out["zimg"], out["ztxt"]
   np.testing.assert_allclose(np.linalg.norm(zimg, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(ztxt, axis=-1), 1.0, rtol=1e-5)
-  assert logits.shape == (3, 7, VOCAB)
-  want = {"img/tokens": (3, PATCHES, 64), "img/pre_logits": (3, WIDTH),
+  want = {"zimg": (3, WIDTH), "ztxt": (3, WIDTH), "logits": (3, 7, VOCAB), "scale": (),
+          "img/tokens": (3, PATCHES, 64), "img/pre_logits": (3, WIDTH),
           "img/caption_features": (3, QUERIES, WIDTH), "txt/tokens": (3, 7, WIDTH),
-          "txt/pre_logits": (3, WIDTH), "t": ()}
-  assert {k: v.shape for k, v in aux.items()} == want
-  np.testing.assert_allclose(aux["t"], 10.0, rtol=1e-5)
-  _, hot_aux = forward({**params, "t": np.float32(np.log(1000.0))}, IMAGES, TOKENS)
-  assert float(hot_aux["t"]) == 100.0  # CLIP's clamp of the logit scale
+          "txt/pre_logits": (3, WIDTH)}
+  assert {k: v.shape for k, v in out.items()} == want  # no "bias" with the softmax loss
+  np.testing.assert_allclose(out["scale"], 10.0, rtol=1e-5)
+  hot = forward({**params, "t": np.float32(np.log(1000.0))}, IMAGES, TOKENS)
+  assert float(hot["scale"]) == 100.0  # CLIP's clamp of the logit scale
   # One side at a time (evaluators): the same embeddings, no logits.
-  (zimg_only, none_txt, none_logits), img_aux = forward(params, IMAGES, None)
-  assert none_txt is None and none_logits is None and "txt/tokens" not in img_aux
-  np.testing.assert_allclose(zimg_only, zimg, atol=1e-5)
-  (none_img, ztxt_only, none_logits), txt_aux = forward(params, None, TOKENS)
-  assert none_img is None and none_logits is None and "img/tokens" not in txt_aux
-  np.testing.assert_allclose(ztxt_only, ztxt, atol=1e-5)
+  img_only = forward(params, IMAGES, None)
+  assert img_only["ztxt"] is None and img_only["logits"] is None
+  assert "txt/tokens" not in img_only
+  np.testing.assert_allclose(img_only["zimg"], zimg, atol=1e-5)
+  txt_only = forward(params, None, TOKENS)
+  assert txt_only["zimg"] is None and txt_only["logits"] is None
+  assert "img/tokens" not in txt_only
+  np.testing.assert_allclose(txt_only["ztxt"], ztxt, atol=1e-5)
+
+
+def test_sigmoid_contrastive_adds_the_bias():
+  """contrastive="sigmoid": SigLIP's bias b (init -10) and temperature (init t' = log 10) as in
+  TwoTower; everything else is the softmax model's."""
+  model = tiny(contrastive="sigmoid")
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), IMAGES, TOKENS)["params"])
+  np.testing.assert_allclose(params["b"], -10.0)
+  np.testing.assert_allclose(params["t"], np.log(10.0), rtol=1e-6)
+  _, softmax_params, forward = build()
+  assert set(params) == set(softmax_params) | {"b"}
+  out = model.apply({"params": {**softmax_params, "b": np.float32(-3.0)}}, IMAGES, TOKENS)
+  np.testing.assert_allclose(out["bias"], -3.0)
+  reference = forward(softmax_params, IMAGES, TOKENS)
+  for key in ("zimg", "ztxt", "logits", "scale"):
+    np.testing.assert_allclose(out[key], reference[key], atol=1e-6)
 
 
 def test_projection_and_tied_output_shapes():
@@ -97,9 +116,9 @@ def test_projection_and_tied_output_shapes():
   shapes = jax.eval_shape(model.init, jax.random.key(0), IMAGES, TOKENS)
   params = nn.meta.unbox(shapes["params"])
   assert "head" not in params and params["img_proj"]["dense"]["kernel"].shape == (WIDTH, 16)
-  (zimg, ztxt, logits), _ = jax.eval_shape(
-      lambda p: model.apply({"params": p}, IMAGES, TOKENS), params)
-  assert zimg.shape == ztxt.shape == (3, 16) and logits.shape == (3, 7, VOCAB)
+  out = jax.eval_shape(lambda p: model.apply({"params": p}, IMAGES, TOKENS), params)
+  assert out["zimg"].shape == out["ztxt"].shape == (3, 16)
+  assert out["logits"].shape == (3, 7, VOCAB)
 
 
 def _normalised(x, norm_params):
@@ -115,7 +134,7 @@ def test_attentional_poolers_give_1_and_n_queries_then_layer_norm():
     # Queries of the decoder width attend to image tokens of the ViT width (64).
     assert pool["attn"]["query"]["kernel"].shape == (WIDTH, 2, 16)
     assert pool["attn"]["key"]["kernel"].shape == (64, 2, 16)
-  _, aux = forward(params, IMAGES, TOKENS)
+  aux = forward(params, IMAGES, TOKENS)
   for feature, name in ((aux["img/caption_features"], "caption_pool"),
                         (aux["img/pre_logits"], "contrastive_pool")):
     standard = _normalised(feature, params[name]["norm"]["norm"])
@@ -125,55 +144,56 @@ def test_attentional_poolers_give_1_and_n_queries_then_layer_norm():
 
 def test_unimodal_decoder_is_causal_and_text_never_sees_the_cls():
   _, params, forward = build()
-  (_, ztxt, logits), aux = forward(params, IMAGES, TOKENS)
+  out = forward(params, IMAGES, TOKENS)
+  ztxt, logits = out["ztxt"], out["logits"]
   j = 3
   tokens = TOKENS.copy()
   tokens[:, j] = 17
-  (_, _, logits_j), aux_j = forward(params, IMAGES, tokens)
-  text, text_j = aux["txt/tokens"], aux_j["txt/tokens"]
+  text, text_j = out["txt/tokens"], forward(params, IMAGES, tokens)["txt/tokens"]
   np.testing.assert_allclose(text_j[:, :j], text[:, :j], atol=1e-6)
   assert changed(text_j[:, j], text[:, j])
   # A different CLS embedding changes the text embedding and nothing at the text positions.
   cls_noise = np.random.default_rng(1).standard_normal(params["cls"].shape).astype(np.float32)
   params_cls = {**params, "cls": params["cls"] + cls_noise}
-  (_, ztxt_cls, logits_cls), aux_cls = forward(params_cls, IMAGES, TOKENS)
-  assert changed(ztxt_cls, ztxt)
-  np.testing.assert_array_equal(aux_cls["txt/tokens"], aux["txt/tokens"])
-  np.testing.assert_array_equal(logits_cls, logits)
+  out_cls = forward(params_cls, IMAGES, TOKENS)
+  assert changed(out_cls["ztxt"], ztxt)
+  np.testing.assert_array_equal(out_cls["txt/tokens"], out["txt/tokens"])
+  np.testing.assert_array_equal(out_cls["logits"], logits)
 
 
 def test_cls_sees_every_real_token_and_ignores_padding():
   model, params, forward = build()
-  (_, ztxt, logits), _ = forward(params, IMAGES, TOKENS)
+  out = forward(params, IMAGES, TOKENS)
+  ztxt, logits = out["ztxt"], out["logits"]
   for j in range(5):  # every non-pad token of row 0
     tokens = TOKENS.copy()
     tokens[0, j] = 20
-    (_, ztxt_j, _), _ = forward(params, IMAGES, tokens)
+    ztxt_j = forward(params, IMAGES, tokens)["ztxt"]
     assert changed(ztxt_j[0], ztxt[0]), f"the CLS does not see token {j}"
   real = TOKENS != PAD
   # Pads as another id (with a model whose pad_id is that id): nothing real changes.
   _, _, forward_22 = build(pad_id=22)
-  (_, ztxt_22, logits_22), _ = forward_22(params, IMAGES, np.where(real, TOKENS, 22))
-  np.testing.assert_allclose(ztxt_22, ztxt, atol=1e-6)
-  np.testing.assert_allclose(logits_22[real], logits[real], atol=1e-5)
+  out_22 = forward_22(params, IMAGES, np.where(real, TOKENS, 22))
+  np.testing.assert_allclose(out_22["ztxt"], ztxt, atol=1e-6)
+  np.testing.assert_allclose(out_22["logits"][real], logits[real], atol=1e-5)
   # More padding: the CLS keeps its position row (max_len), so nothing changes either.
-  (_, ztxt_long, logits_long), _ = forward(params, IMAGES, np.pad(TOKENS, ((0, 0), (0, 2))))
-  np.testing.assert_allclose(ztxt_long, ztxt, atol=1e-6)
-  np.testing.assert_allclose(logits_long[:, :7], logits, atol=1e-5)
+  out_long = forward(params, IMAGES, np.pad(TOKENS, ((0, 0), (0, 2))))
+  np.testing.assert_allclose(out_long["ztxt"], ztxt, atol=1e-6)
+  np.testing.assert_allclose(out_long["logits"][:, :7], logits, atol=1e-5)
 
 
 def test_multimodal_logits_depend_on_the_image_and_past_tokens_only():
   _, params, forward = build()
-  (_, _, logits), _ = forward(params, IMAGES, TOKENS)
+  logits = forward(params, IMAGES, TOKENS)["logits"]
   images = IMAGES.copy()
   images[0] = -images[0]
-  (_, _, logits_img), _ = forward(params, images, TOKENS)
+  logits_img = forward(params, images, TOKENS)["logits"]
   assert all(changed(logits_img[0, i], logits[0, i]) for i in range(7))
   np.testing.assert_allclose(logits_img[1:], logits[1:], atol=1e-6)  # examples are independent
   for j in (1, 4, 6):
     tokens = TOKENS.copy()
     tokens[:, j] = 21
-    (_, _, logits_j), _ = forward(params, IMAGES, tokens)
+    logits_j = forward(params, IMAGES, tokens)["logits"]
     np.testing.assert_allclose(logits_j[:, :j], logits[:, :j], atol=1e-6)
     assert changed(logits_j[:, j], logits[:, j])
 
@@ -183,7 +203,7 @@ def test_cached_step_logits_equal_full_forward(scan):
   """Teacher forcing through the KV-cached step function reproduces the full forward's logits
   (which include the CLS) at every text position."""
   model, params, forward = build(scan=scan)
-  (_, _, logits), _ = forward(params, IMAGES, TOKENS)
+  logits = forward(params, IMAGES, TOKENS)["logits"]
   step_fn = jax.jit(decode_step_fn(model, params))
   cache = jax.jit(lambda p, x: init_decode(model, p, x, TOKENS.shape[1]))(params, IMAGES)
   for position in range(TOKENS.shape[1]):
@@ -210,7 +230,7 @@ def test_greedy_with_kv_cache_equals_full_recomputation_and_beam_1():
 
   @jax.jit
   def recomputed(params, images):
-    step_fn = decode.recompute_step_fn(lambda tokens: forward(params, images, tokens)[0][2])
+    step_fn = decode.recompute_step_fn(lambda tokens: forward(params, images, tokens)["logits"])
     return decode.greedy(step_fn, decode.recompute_cache(3, new_tokens), prompt, **kw)
 
   greedy, beam, captions = cached(params, IMAGES)
@@ -224,14 +244,71 @@ def test_greedy_with_kv_cache_equals_full_recomputation_and_beam_1():
   np.testing.assert_array_equal(captions, greedy.tokens_bn)  # the family's generate
 
 
-def test_coca_loss_weights_and_gradients_reach_every_part():
+def test_generate_continues_a_prompt():
+  """Prompts of different lengths (right-padded, BOS first): `generate`, greedy or with 2 beams,
+  equals the same search rerunning the full forward on each prefix."""
+  model, params, forward = build(scan=True)
+  prompt_bl = np.array([[BOS, 5, 6], [BOS, PAD, PAD], [BOS, 9, PAD]], np.int32)
+  prompt_len_b = np.array([3, 1, 2], np.int32)
+  kw = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+
+  @jax.jit
+  def cached(params, images, prompt_bl, prompt_len_b):
+    prompted = [generate(model, params, images, bos_id=BOS, prompt_bl=prompt_bl,
+                         prompt_len_b=prompt_len_b, beam_size=beam_size, **kw)
+                for beam_size in (1, 2)]
+    return prompted + [generate(model, params, images, bos_id=BOS, **kw)]
+
+  @jax.jit
+  def recomputed(params, images, prompt_bl, prompt_len_b):
+    def logits_fn(tokens_bt):  # beam search feeds beams example-major: repeat the images
+      beams = tokens_bt.shape[0] // images.shape[0]
+      return forward(params, jnp.repeat(images, beams, axis=0), tokens_bt)["logits"]
+
+    step_fn = decode.recompute_step_fn(logits_fn)
+    cache = decode.recompute_cache(3, decode.cache_length(3, 6))
+    greedy = decode.greedy(step_fn, cache, prompt_bl, prompt_len_b=prompt_len_b, **kw)
+    beam = decode.beam_search(step_fn, cache, prompt_bl, prompt_len_b=prompt_len_b,
+                              beam_size=2, **kw).best()
+    return greedy.tokens_bn, beam.tokens_bn
+
+  greedy, beam, from_bos = cached(params, IMAGES, prompt_bl, prompt_len_b)
+  greedy_reference, beam_reference = recomputed(params, IMAGES, prompt_bl, prompt_len_b)
+  np.testing.assert_array_equal(greedy, greedy_reference)
+  np.testing.assert_array_equal(beam, beam_reference)
+  assert len(np.unique(np.asarray(greedy))) > 2  # a non-degenerate caption
+  # Row 1's prompt is BOS alone: its caption is the unprompted one; the others' are not.
+  np.testing.assert_array_equal(greedy[1], from_bos[1])
+  assert np.any(greedy[0] != from_bos[0]) and np.any(greedy[2] != from_bos[2])
+  with pytest.raises(ValueError, match="prompt_len_b was given without prompt_bl"):
+    generate(model, params, IMAGES, bos_id=BOS, prompt_len_b=prompt_len_b, **kw)
+
+
+def _cross_entropy(logits_bc, labels_b):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits_bc), labels_b[:, None], -1)[:, 0])
+
+
+def _joint_loss(out, targets_bt, valid_bt):
+  """A softmax contrastive loss plus next-token cross-entropy, from the named outputs."""
+  logits_bb = out["scale"] * out["zimg"] @ out["ztxt"].T
+  labels_b = jnp.arange(logits_bb.shape[0])
+  contrastive = (_cross_entropy(logits_bb, labels_b) + _cross_entropy(logits_bb.T, labels_b)) / 2
+  token_xent_bt = -jnp.take_along_axis(jax.nn.log_softmax(out["logits"]),
+                                       targets_bt[..., None], axis=-1)[..., 0]
+  return contrastive + (token_xent_bt * valid_bt).sum() / valid_bt.sum()
+
+
+def test_gradients_of_a_joint_loss_reach_every_part():
   model, params, _ = build()
   text = np.concatenate([TOKENS, np.full((3, 1), PAD, np.int32)], axis=1)
-  loss_fn = jax.jit(jax.value_and_grad(
-      lambda p: coca_loss(model, p, IMAGES, text, jax.random.key(0)), has_aux=True))
-  (loss, metrics), grads = loss_fn(params)
-  np.testing.assert_allclose(loss, metrics["con_loss"] + 2.0 * metrics["cap_loss"], rtol=1e-6)
-  assert metrics["cap_tokens"] == (text[:, 1:] != PAD).sum()
+  inputs_bt, targets_bt = text[:, :-1], text[:, 1:]
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, IMAGES, inputs_bt, train=True,
+                      rngs={"dropout": jax.random.key(0)})
+    return _joint_loss(out, targets_bt, targets_bt != PAD)
+
+  grads = jax.jit(jax.grad(loss_fn))(params)
   for name in ("img", "contrastive_pool", "caption_pool", "token_embedding", "pos_embedding",
                "cls", "unimodal", "cls_norm", "multimodal", "head", "t"):
     norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads[name])))
@@ -287,3 +364,5 @@ def test_bad_configuration_is_named():
     jax.eval_shape(CoCa(variant="mu").init, jax.random.key(0), images, tokens)
   with pytest.raises(ValueError, match="exceeds max_len"):
     jax.eval_shape(tiny(max_len=3).init, jax.random.key(0), images, tokens)
+  with pytest.raises(ValueError, match="Unknown contrastive loss 'ring'"):
+    jax.eval_shape(tiny(contrastive="ring").init, jax.random.key(0), images, tokens)

@@ -6,7 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vljax.models import build_model
+from tests.train.helpers import tiny_config
+from vljax.data.tokenizer import shapes_tokenizer
+from vljax.families import get_family, model_config
+from vljax.models import CoCa, TextTransformer, TwoTower, ViT
+
+MODULES = {"vit": ViT, "text": TextTransformer, "two_tower": TwoTower}
+
+
+def build_model(model_cfg):
+  cfg = dict(model_cfg)
+  return MODULES[cfg.pop("name")](**cfg)
 
 
 def count_params(model_cfg, *inputs) -> int:
@@ -69,5 +79,23 @@ def test_vit_output_shapes():
 def test_unknown_variant_and_key_are_named():
   with pytest.raises(ValueError, match="Unknown ViT variant 'Q/16'"):
     count_params(dict(name="vit", variant="Q/16"), images(32))
-  with pytest.raises(ValueError, match="config.model.image.patchsize"):
-    build_model(dict(name="two_tower", image=dict(patchsize=8), text={}))
+  config = tiny_config()
+  config.model.image.patchsize = 8
+  with pytest.raises(ValueError, match=r"config\.model\.image\.patchsize for ViT"):
+    model_config(get_family("two_tower"), config, shapes_tokenizer())
+
+
+def test_missing_size_fields_are_named():
+  """One merge (vljax.models.sizes.resolve_sizes) for every family: explicit fields override
+  the variant, and a field neither gives is named with both ways to give it."""
+  assert ViT(variant="B/16", depth=2).sizes() == dict(width=768, depth=2, mlp_dim=3072,
+                                                      num_heads=12, patch_size=16)
+  with pytest.raises(ValueError, match=r"ViT needs 'patch_size': give variant= or patch_size="):
+    ViT(variant="B").sizes()
+  with pytest.raises(ValueError, match=r"TextTransformer needs 'width': give variant= or width="):
+    TextTransformer(vocab_size=10).sizes()
+  assert TextTransformer(vocab_size=10, variant="mu", width=32).sizes()["width"] == 32
+  assert CoCa(variant="mu", vocab_size=7).sizes()["image"] == "mu/8"  # extra table keys stay
+  with pytest.raises(ValueError, match=r"CoCa needs 'num_caption_queries'"):
+    CoCa(vocab_size=7, width=8, num_heads=2, mlp_dim=8, unimodal_depth=1,
+         multimodal_depth=1).sizes()

@@ -1,4 +1,5 @@
-"""Attention against a float64 NumPy reference; the KV cache against full causal attention."""
+"""Attention against a float64 NumPy reference; the KV cache against full causal attention;
+scanned stacks, block configuration and attention pooling."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vljax.nn import MultiHeadAttention, causal_mask, padding_mask, sincos_1d, sincos_2d, Transformer
+from vljax.nn import (AttentionPool, BlockConfig, MultiHeadAttention, Transformer, causal_mask,
+                      padding_mask, sincos_1d, sincos_2d)
 from vljax.sharding import DEFAULT_RULES, make_mesh
 
 
@@ -48,8 +50,9 @@ def test_attention_matches_float64_reference(cross):
 
 def test_kv_cache_decoding_equals_full_causal_pass():
   """Feeding tokens one at a time through the cache reproduces the full causal forward pass."""
-  model = Transformer(depth=2, num_heads=2, mlp_dim=32, decode=False)
-  cached = Transformer(depth=2, num_heads=2, mlp_dim=32, decode=True)
+  block = BlockConfig(num_heads=2, mlp_dim=32)
+  model = Transformer(depth=2, block=block)
+  cached = Transformer(depth=2, block=block.replace(decode=True))
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))
   params = model.init(jax.random.key(1), x, causal_mask(6))["params"]
   full = model.apply({"params": params}, x, causal_mask(6))
@@ -70,8 +73,9 @@ def test_kv_cache_decoding_equals_full_causal_pass():
 
 def test_scanned_stack_equals_unrolled_stack():
   x = jax.random.normal(jax.random.key(0), (2, 4, 16))
-  unrolled = Transformer(depth=3, num_heads=2, mlp_dim=32)
-  scanned = Transformer(depth=3, num_heads=2, mlp_dim=32, scan=True, remat="full")
+  block = BlockConfig(num_heads=2, mlp_dim=32)
+  unrolled = Transformer(depth=3, block=block)
+  scanned = Transformer(depth=3, block=block, scan=True, remat="full")
   params = nn.meta.unbox(unrolled.init(jax.random.key(1), x)["params"])
   layers = [params[f"layer_{i}"] for i in range(3)]
   stacked = {"layers": jax.tree.map(lambda *a: jnp.stack(a), *layers), "final_norm": params["final_norm"]}
@@ -79,6 +83,51 @@ def test_scanned_stack_equals_unrolled_stack():
                              rtol=1e-5, atol=1e-5)
   grads = jax.grad(lambda p: scanned.apply({"params": p}, x).sum())(stacked)
   assert grads["layers"]["mlp"]["fc1"]["dense"]["kernel"].shape == (3, 16, 32)
+
+
+def test_block_config_names_bad_values():
+  with pytest.raises(ValueError, match="Unknown norm_position 'middle'"):
+    BlockConfig(num_heads=2, mlp_dim=8, norm_position="middle")
+  with pytest.raises(ValueError, match="Unknown activation 'swish'"):
+    BlockConfig(num_heads=2, mlp_dim=8, act="swish")
+  block = BlockConfig(num_heads=2, mlp_dim=8)
+  assert hash(block) == hash(BlockConfig(num_heads=2, mlp_dim=8))  # usable as a module field
+  assert block.replace(decode=True).decode and not block.decode
+
+
+def test_post_norm_stack_has_no_final_norm():
+  """BERT's layout, LN(x + f(x)): each sublayer's norm follows its residual, no final norm."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16))
+  stack = Transformer(depth=1, block=BlockConfig(num_heads=2, mlp_dim=32, norm_position="post"))
+  params = nn.meta.unbox(stack.init(jax.random.key(1), x)["params"])
+  assert "final_norm" not in params
+  out = np.asarray(stack.apply({"params": params}, x))
+  np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)  # the MLP's norm comes last
+  np.testing.assert_allclose(out.var(-1), 1.0, rtol=1e-3)
+
+
+def test_attention_pool_queries_of_another_width():
+  """CoCa's pooler: Q learned queries of width W attend to tokens of width D -> [B, Q, W],
+  LayerNorm'd; the probe is drawn from the given initializer."""
+  tokens = jax.random.normal(jax.random.key(0), (2, 5, 24))
+  pool = AttentionPool(num_heads=2, num_queries=3, width=16,
+                       probe_init=nn.initializers.normal(16 ** -0.5))
+  variables = pool.init(jax.random.key(1), tokens)
+  params = nn.meta.unbox(variables["params"])
+  assert params["probe"].shape == (1, 3, 16)
+  assert params["attn"]["query"]["kernel"].shape == (16, 2, 8)
+  assert params["attn"]["key"]["kernel"].shape == (24, 2, 8)
+  assert set(params) == {"probe", "attn", "norm"}
+  np.testing.assert_allclose(np.std(params["probe"]), 0.25, rtol=0.5)
+  out = np.asarray(pool.apply(variables, tokens))
+  assert out.shape == (2, 3, 16)
+  np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)
+  # Masking a key changes the pooled output; examples are pooled independently.
+  valid = np.ones((2, 5), bool)
+  valid[0, -1] = False
+  masked = np.asarray(pool.apply(variables, tokens, padding_mask(jnp.asarray(valid))))
+  assert not np.allclose(masked[0], out[0], atol=1e-5)
+  np.testing.assert_allclose(masked[1], out[1], atol=1e-6)
 
 
 def test_sincos_tables():

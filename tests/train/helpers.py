@@ -4,6 +4,15 @@ import numpy as np
 from vljax.train.config import base_config
 
 
+def small_evals(zeroshot: int = 48, retrieval: int = 40, captioning: int = 0, batch_size: int = 16):
+  """config.evals with small zero-shot / retrieval (/ captioning) sets."""
+  evals = dict(zeroshot=dict(type="zeroshot", images=zeroshot, batch_size=batch_size),
+               retrieval=dict(type="retrieval", pairs=retrieval, batch_size=batch_size))
+  if captioning:
+    evals["captioning"] = dict(type="captioning", images=captioning, batch_size=batch_size)
+  return evals
+
+
 def tiny_config(loss: str = "softmax", **changes):
   """A two-tower config small enough to compile and step in seconds on the CPU."""
   c = base_config()
@@ -13,12 +22,12 @@ def tiny_config(loss: str = "softmax", **changes):
   c.eval_every = 0
   c.checkpoint_every = 3
   c.model = dict(
-      name="two_tower",
       image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
       text=dict(width=32, depth=1, mlp_dim=64, num_heads=2),
-      embed_dim=16, loss=loss)
+      embed_dim=16)
+  c.loss.contrastive = loss
   c.data = dict(image_size=32, max_text_len=16)
-  c.evals = dict(zeroshot_images=48, retrieval_pairs=40, batch_size=16)
+  c.evals = small_evals()
   c.optim.warmup_steps = 2
   for key, value in changes.items():
     target = c
@@ -36,4 +45,6 @@ def random_batch(config, seed=0, vocab=50):
   tokens = rng.integers(4, vocab, size=(b, l)).astype(np.int32)
   tokens[:, -3:] = 0  # padding
   tokens[:, -4] = 3  # eos
-  return {"image": rng.integers(0, 256, size=(b, s, s, 3)).astype(np.uint8), "text": tokens}
+  return {"image": rng.integers(0, 256, size=(b, s, s, 3)).astype(np.uint8), "text": tokens,
+          "mask_ar": np.ones_like(tokens), "mask_loss": (tokens != 0).astype(np.int32),
+          "label": np.full((b,), -1, np.int32)}

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, small_evals
 from vljax.train.checkpoint import DAMAGED_DIR, CheckpointError, Checkpointer
 from vljax.train.loop import build_experiment, train_and_evaluate
 
@@ -18,7 +18,7 @@ STEPS = 9
 
 def _config(**changes):
   c = tiny_config(total_steps=STEPS, log_every=1, checkpoint_every=3, keep_checkpoints=3, **changes)
-  c.evals = dict(zeroshot_images=48, retrieval_pairs=16, batch_size=16, sample_images=4)
+  c.evals = small_evals(retrieval=16)
   return c
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from vljax.data.pipeline import data_config
 from vljax.errors import ConfigError
-from vljax.models import build_model
 from vljax.sharding import make_mesh
 from vljax.train.config import (CONFIG_DIR, apply_overrides, base_config, check_mesh, load_config,
                                 resolve_config_path, validate)
-from vljax.train.evaluation import eval_config
+from vljax.data.tokenizer import shapes_tokenizer
+from vljax.families import build_model, get_family
 from vljax.train.loop import build_experiment
 
 CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
@@ -55,7 +55,7 @@ def test_every_config_validates_and_builds(name):
   for key in ("total_steps", "log_every", "eval_every", "checkpoint_every", "seed"):
     assert key in config
   data_config(config.data)
-  eval_config(config.evals)  # data and evals are free-form: their consumers validate them
+  validate(config)  # every config.evals entry against its evaluator type
   config.init = []  # LiT's source checkpoint is not needed to build shapes
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   exp = build_experiment(config, devices=jax.devices()[:1])
@@ -91,29 +91,35 @@ def test_overrides_replace_lists_and_tuples_whole():
 
 
 def test_overrides_add_keys_the_config_leaves_out():
-  """clip_tiny sets few data keys and no evals or model.image.variant: all can be set."""
+  """clip_tiny sets few data keys, no model.image.variant and no TFDS evaluator: all can be set."""
   c = load_config("clip_tiny.py")
   apply_overrides(c, ["data.source=webdataset", "data.shards=/data/{000..009}.tar",
-                      "model.image.variant=mu/16", "model.max_scale=None", "evals.batch_size=16",
-                      "evals.tfds_zeroshot.cifar100.split=test[:100]"])
+                      "model.image.variant=mu/16", "model.max_scale=None",
+                      "evals.zeroshot.batch_size=16",
+                      "evals.zeroshot_cifar100={'type': 'tfds_zeroshot', 'name': 'cifar100'}",
+                      "evals.zeroshot_cifar100.split=test[:100]"])
   assert data_config(c.data).source == "webdataset" and c.data.shards == "/data/{000..009}.tar"
   assert c.model.image.variant == "mu/16" and c.model.max_scale is None
-  evals = eval_config(c.evals)
-  assert evals.batch_size == 16 and evals.tfds_zeroshot.cifar100.split == "test[:100]"
+  assert c.evals.zeroshot.batch_size == 16 and c.evals.zeroshot_cifar100.split == "test[:100]"
   apply_overrides(c, ["data.shards=['/a/{0..3}.tar', '/b/{0..3}.tar']"])  # a list of patterns too
   assert list(c.data.shards) == ["/a/{0..3}.tar", "/b/{0..3}.tar"]
   validate(c)
-  # Model keys are not known in advance: build_model names a wrong one.
+  # Model keys are not known in advance: building the family's model names a wrong one.
   apply_overrides(c, ["model.image.varient=mu/16"])
   with pytest.raises(ValueError, match=r"config\.model\.image\.varient"):
-    build_model(c.model)
+    build_model(get_family(c.family), c, shapes_tokenizer())
+  # Nor are evaluator settings: validate names a wrong one against the evaluator's type.
+  apply_overrides(c, ["evals.zeroshot.imges=8"])
+  with pytest.raises(ConfigError, match=r"config\.evals\.zeroshot\.imges for an evaluator of "
+                                        r"type 'zeroshot'; valid keys: .*images"):
+    validate(c)
 
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1e-3", r"^Unknown config key config\.optim\.lrr; did you mean config\.optim\.lr\?$"),
     ("totl_steps=5", r"config\.totl_steps; did you mean config\.total_steps\?"),
     ("data.sorce=webdataset", r"config\.data\.sorce; did you mean config\.data\.source\?"),
-    ("evals.batchsize=8", r"config\.evals\.batchsize; did you mean config\.evals\.batch_size\?"),
+    ("loss.contrastiv=sigmoid", r"config\.loss\.contrastiv; did you mean config\.loss\.contrastive\?"),
     ("init.checkpiont=x", r"config\.init\.checkpiont; did you mean config\.init\.checkpoint\?"),
     ("optim.lr=fast", r"^config\.optim\.lr=fast is a str, but the field is a float$"),
     ("total_steps=1.5", r"^config\.total_steps=1\.5 is a float, but the field is an int$"),

@@ -82,7 +82,7 @@ def test_train_step_keeps_one_batch_shard_per_device():
   coca_large dry run: 1160 GiB of temporaries per device instead of 93).
   """
   config = tiny_config(batch_size=16, family="coca", mesh=[("data", 1), ("fsdp", 8), ("tensor", 1)])
-  config.model = dict(name="coca", width=32, num_heads=2, mlp_dim=64, unimodal_depth=1,
+  config.model = dict(width=32, num_heads=2, mlp_dim=64, unimodal_depth=1,
                       multimodal_depth=1, num_caption_queries=4, scan=True, remat="dots_no_batch",
                       image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
                                  scan=True, remat="dots_no_batch"))

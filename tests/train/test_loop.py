@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.helpers import tiny_config
+from tests.train.helpers import small_evals, tiny_config
 from vljax.train.checkpoint import Checkpointer, load_params
 from vljax.train.loop import build_experiment, train_and_evaluate
 
@@ -113,12 +113,11 @@ def test_coca_family_trains_evaluates_and_draws(tmp_path):
   scored, and samples.png carries generated captions."""
   config = tiny_config(total_steps=4, log_every=2)
   config.family = "coca"
-  config.model = dict(name="coca", image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+  config.model = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
                       width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
                       num_caption_queries=4)
   config.data = dict(image_size=32, max_text_len=17, text_bos=True, shape_siblings=1)
-  config.evals = dict(zeroshot_images=48, retrieval_pairs=16, captioning_images=8, batch_size=8,
-                      sample_images=4)
+  config.evals = small_evals(retrieval=16, captioning=8, batch_size=8)
   workdir = str(tmp_path / "coca")
   final = train_and_evaluate(config, workdir)
   for key in ("zeroshot/top1", "retrieval/i2t/r@1", "captioning/cider", "captioning/bleu4"):

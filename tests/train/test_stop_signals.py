@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, small_evals
 from vljax.train import loop
 from vljax.train.checkpoint import Checkpointer
 
@@ -22,7 +22,7 @@ STEPS = 8
 
 def _config():
   c = tiny_config(total_steps=STEPS, log_every=1, checkpoint_every=100)
-  c.evals = dict(zeroshot_images=48, retrieval_pairs=16, batch_size=16, sample_images=4)
+  c.evals = small_evals(retrieval=16)
   return c
 
 
@@ -93,12 +93,12 @@ def test_ctrl_c_saves_and_raises_keyboard_interrupt(tmp_path, monkeypatch):
 
 
 CONFIG_FILE = '''
-from tests.train.helpers import tiny_config
+from tests.train.helpers import small_evals, tiny_config
 
 
 def get_config():
   c = tiny_config(total_steps=100000, log_every=1, checkpoint_every=100000)
-  c.evals = dict(zeroshot_images=48, retrieval_pairs=16, batch_size=16, sample_images=4)
+  c.evals = small_evals(retrieval=16)
   return c
 '''
 

@@ -8,7 +8,7 @@ Runs `tiny_config` (with the JSON changes) through `vljax.train.distributed.init
 import json
 import sys
 
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, small_evals
 from vljax.train import distributed
 from vljax.train.reporting import setup_logging
 from vljax.train.loop import train_and_evaluate
@@ -17,7 +17,7 @@ from vljax.train.loop import train_and_evaluate
 def main():
   workdir, steps, changes = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
   config = tiny_config(total_steps=steps, log_every=1)
-  config.evals = dict(zeroshot_images=48, retrieval_pairs=16, batch_size=16, sample_images=4)
+  config.evals = small_evals(retrieval=16)
   for key, value in changes.items():
     target = config
     *path, last = key.split(".")

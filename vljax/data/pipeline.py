@@ -19,9 +19,12 @@ from jax.sharding import Mesh
 
 from vljax.data.batching import BOOKKEEPING, BadRecordCounter, SkipBadAndBatch
 from vljax.data.shapes import ShapesWorld
+from vljax.data.shapes_tasks import MAX_VIDEO_OBJECTS, ShapesEpisodes, ShapesVideos
 from vljax.data.tfds import TfdsSource, open_tfds_source
 from vljax.data.webdataset import WebDatasetSource
 from vljax.data.tokenizer import Tokenizer, shapes_tokenizer
+from vljax.data.views import (VIEWS, InterleavedView, VideoView, View, build_view,
+                              view_settings)
 from vljax.sharding import batch_sharding
 
 DATA_DEFAULTS = dict(
@@ -40,6 +43,13 @@ DATA_DEFAULTS = dict(
     tfds_download=False,  # tfds: prepare it if data_dir lacks it (may need TensorFlow, network)
     max_bad_fraction=0.05,  # stop when more of the records read so far are undecodable / empty
     min_records_before_check=1000,  # ... but only after this many records
+    # How a record becomes a training example (vljax.data.views): "caption", "vqa", "chat",
+    # "interleaved", "video", "grounding"; view_settings go to the view (e.g. chat's template).
+    view="caption",
+    view_settings={},
+    # shapes source for the interleaved view: solved examples of "vqa" or "caption" (the number
+    # of images follows the view's num_images; the video view's frames its num_frames)
+    shapes_episode_task="vqa",
     image_size=64,
     max_text_len=32,
     text_bos=False,  # prepend BOS (BERT-style CLS pooling needs it)
@@ -96,7 +106,14 @@ def require_source(cfg: ml_collections.ConfigDict, config_name: str = "this conf
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
-  return Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else shapes_tokenizer()
+  """The sentencepiece model at `cfg.tokenizer`, or the shapes tokenizer (of the captions for
+  the caption view, of every shapes text for the others), with the tokens the view adds
+  (`<image>`, `<ref>`, ...) after its vocabulary."""
+  added = VIEWS[cfg.view].special_tokens if cfg.view in VIEWS else ()
+  if cfg.tokenizer:
+    return Tokenizer.from_file(cfg.tokenizer, added_tokens=added)
+  return shapes_tokenizer(corpus="captions" if cfg.view == "caption" else "all",
+                          added_tokens=added)
 
 
 def encode_texts(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, texts) -> np.ndarray:
@@ -136,27 +153,46 @@ def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
   if split == "train":
     kw["num_examples"] = cfg.num_train_examples
   kw.update(overrides)
-  return ShapesWorld(**kw)
+  if cfg.view == "interleaved":
+    shots = dict(cfg.view_settings).get("num_images", InterleavedView.num_images) - 1
+    return ShapesEpisodes(shots=shots, task=cfg.shapes_episode_task, **kw)
+  if cfg.view == "video":
+    frames = dict(cfg.view_settings).get("num_frames", VideoView.num_frames)
+    kw["max_objects"] = min(kw["max_objects"], MAX_VIDEO_OBJECTS)
+    return ShapesVideos(frames=frames, **kw)
+  return ShapesWorld(annotations=cfg.view != "caption", **kw)
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenizeCaption(grain.transforms.Map):
-  """Example dict -> {"image", "text" (int32 [L]), "label"}; drops string fields."""
+def train_view(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> View:
+  """The view `cfg.view` with `cfg.view_settings`, the image size, and for views that take them
+  BOS / EOS from text_bos / text_eos. (Groups of shape siblings are merged into the batch, so
+  the batches have the spec of single records.)"""
+  settings: dict[str, Any] = {"image_size": cfg.image_size}
+  accepted = view_settings(cfg.view) if cfg.view in VIEWS else ()
+  if "bos" in accepted:
+    settings.update(bos=cfg.text_bos, eos=cfg.text_eos)
+  settings.update(dict(cfg.view_settings))
+  return build_view(cfg.view, tokenizer, cfg.max_text_len, **settings)
 
-  tokenizer: Tokenizer
-  max_len: int
-  bos: bool
-  eos: bool
 
-  def map(self, example: dict) -> dict:
-    if "error" in example:  # a bad record: passed on for SkipBadAndBatch to drop and count
-      return example
-    captions = example["caption"]
-    grouped = not isinstance(captions, str)  # a scene and its siblings (see AddSiblings)
-    tokens = self.tokenizer.encode(list(captions) if grouped else [captions], self.max_len,
-                                   bos=self.bos, eos=self.eos)
-    return {"image": example["image"], "text": tokens if grouped else tokens[0],
-            "label": np.asarray(example.get("label", -1), np.int32)}
+def check_batch(local_batch: Mapping[str, np.ndarray], spec: Mapping[str, jax.ShapeDtypeStruct],
+                process_count: int, family: str) -> None:
+  """Raises, naming the field, when this process's batch does not match its share of the batch
+  spec the model was initialised from (the view's)."""
+  fields = {k: v for k, v in local_batch.items() if k not in BOOKKEEPING}
+  for key in sorted(set(spec) | set(fields)):
+    if key not in fields:
+      raise ValueError(f"the input pipeline's batches lack field {key!r} that family {family!r} "
+                       f"expects (batch spec: {', '.join(sorted(spec))})")
+    if key not in spec:
+      raise ValueError(f"the input pipeline's batches have field {key!r}, which is not in the "
+                       f"batch spec of family {family!r} ({', '.join(sorted(spec))})")
+    want = (spec[key].shape[0] // process_count,) + tuple(spec[key].shape[1:])
+    got = np.shape(fields[key])
+    dtype = np.asarray(fields[key]).dtype
+    if tuple(got) != want or dtype != spec[key].dtype:
+      raise ValueError(f"batch field {key!r} is {dtype}{list(got)} but the batch spec says "
+                       f"{np.dtype(spec[key].dtype)}{list(want)} per process")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +239,7 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
       raise ValueError(f"config.data.shape_siblings={cfg.shape_siblings} needs a per-process batch "
                        f"divisible by {group} (a scene and its siblings), got {local_batch}")
     ds = ds.map(AddSiblings(source, cfg.shape_siblings))
-  ds = ds.map(TokenizeCaption(tokenizer, cfg.max_text_len, cfg.text_bos, cfg.text_eos))
+  ds = ds.map(train_view(cfg, tokenizer))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   it_ds = SkipBadAndBatch(it_ds, local_batch // group, max_keys=local_batch,
                          max_bad_fraction=cfg.max_bad_fraction,
@@ -226,9 +262,3 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> di
   """Each process's local rows -> global arrays sharded along the batch over the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
           for k, v in local_batch.items()}
-
-
-def normalize_images(images_bhwc: jax.Array, mean, std) -> jax.Array:
-  """uint8 images -> float32 (x / 255 - mean) / std, on device (transfers stay uint8)."""
-  x = images_bhwc.astype(np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

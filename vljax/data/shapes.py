@@ -193,27 +193,62 @@ def _cross_points(cx: float, cy: float, radius: float) -> list[tuple[float, floa
   return [(cx + x, cy + y) for x, y in outline]
 
 
+def _polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]] | None:
+  """The outline of a polygonal shape centred on (cx, cy); None for a circle or a square."""
+  if shape == "triangle":
+    return [(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)]
+  if shape == "diamond":
+    return [(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)]
+  if shape == "star":
+    return _star_points(cx, cy, radius)
+  if shape == "cross":
+    return _cross_points(cx, cy, radius)
+  if shape in ("circle", "square"):
+    return None
+  raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
+
+
+def _shape_extent(shape: str) -> tuple[float, float, float, float]:
+  """(left, top, right, bottom) of `shape` drawn with radius 1 about the origin (y down)."""
+  points = _polygon(shape, 0.0, 0.0, 1.0)
+  if points is None:
+    return (-1.0, -1.0, 1.0, 1.0)
+  xs, ys = [x for x, _ in points], [y for _, y in points]
+  return (min(xs), min(ys), max(xs), max(ys))
+
+
+# Where each shape reaches relative to its centre, in radii: a star's lowest points are 0.81
+# radii below its centre and its side points 0.95 radii out; every other shape fills its square.
+SHAPE_EXTENTS: types.MappingProxyType[str, tuple[float, float, float, float]] = (
+    types.MappingProxyType({shape: _shape_extent(shape) for shape in SHAPES}))
+
+
+def object_radius(obj: ShapeObject, image_size: float) -> float:
+  """Half the side of `obj`'s square, in pixels of an `image_size` image."""
+  return SIZE_TO_CELL_FRACTION[obj.size] * image_size / GRID_SIZE / 2
+
+
+def object_box(obj: ShapeObject, image_size: float = 1.0) -> tuple[float, float, float, float]:
+  """The (x1, y1, x2, y2) box of the outline `_draw_object` paints for `obj`, in pixels of an
+  `image_size` image (x right, y down); with the default image_size=1, fractions of the side."""
+  cx, cy = object_centre(obj, image_size)
+  radius = object_radius(obj, image_size)
+  left, top, right, bottom = SHAPE_EXTENTS[obj.shape]
+  return (cx + left * radius, cy + top * radius, cx + right * radius, cy + bottom * radius)
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, canvas_size: int) -> None:
   """Paints `obj` onto a supersampled canvas of side `canvas_size`."""
   cx, cy = object_centre(obj, canvas_size)
-  radius = SIZE_TO_CELL_FRACTION[obj.size] * canvas_size / GRID_SIZE / 2
+  radius = object_radius(obj, canvas_size)
   fill = object_rgb(obj)
-  if obj.shape == "circle":
+  points = _polygon(obj.shape, cx, cy, radius)
+  if points is not None:
+    draw.polygon(points, fill=fill)
+  elif obj.shape == "circle":
     draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-  elif obj.shape == "square":
+  else:  # square
     draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-  elif obj.shape == "triangle":
-    draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)],
-                 fill=fill)
-  elif obj.shape == "diamond":
-    draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)],
-                 fill=fill)
-  elif obj.shape == "star":
-    draw.polygon(_star_points(cx, cy, radius), fill=fill)
-  elif obj.shape == "cross":
-    draw.polygon(_cross_points(cx, cy, radius), fill=fill)
-  else:
-    raise ValueError(f"Unknown shape {obj.shape!r}; expected one of {SHAPES}.")
 
 
 def render_scene(scene: Scene, image_size: int) -> np.ndarray:
@@ -242,6 +277,9 @@ class ShapesWorld:
   max_objects: int = 3  # Most objects in a scene (at most GRID_SIZE**2).
   num_examples: int | None = None  # Nominal length; None: 100_000 train, 10_000 validation.
   held_out: tuple[tuple[str, str], ...] = HELD_OUT  # (colour, shape) pairs absent from train.
+  # Whether examples also hold a VQA question, a conversation and grounding regions (see
+  # `shapes_tasks.scene_annotations`); off, examples cost what they always did.
+  annotations: bool = False
   _pairs: tuple[tuple[str, str], ...] = dataclasses.field(
       init=False, repr=False, compare=False)  # (colour, shape) pairs this split samples from.
 
@@ -293,17 +331,23 @@ class ShapesWorld:
     return render_scene(scene, self.image_size)
 
   def example(self, index: SupportsIndex) -> dict[str, Any]:
-    """The example at `index`: image, one caption (template chosen by index), label, index."""
-    # captions builds text from this module's vocabularies, so it is imported at call time.
-    from vljax.data import captions
+    """The example at `index`: image, one caption (template chosen by index), label, index;
+    with `annotations`, also question, answers, question_type, conversations and regions."""
+    # captions and shapes_tasks build text from this module's vocabularies, so they are imported
+    # at call time.
+    from vljax.data import captions, shapes_tasks  # pylint: disable=import-outside-toplevel
 
     scene = self.scene(index)
-    return {
+    example = {
         "image": self.render(scene),
         "caption": captions.caption(scene, variant=scene.index),
         "label": captions.label(scene),
         "index": scene.index,
     }
+    if self.annotations:
+      example.update(shapes_tasks.scene_annotations(
+          scene, seed=self.seed, image_size=self.image_size, held_out=self.held_out))
+    return example
 
   def siblings(self, index: SupportsIndex, count: int) -> list[dict[str, Any]]:
     """`count` shape-changed copies of example `index` (see `shape_variants`), captioned with the

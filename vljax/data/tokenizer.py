@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: a picklable wrapper, and the shapes-world tokenizer trained on demand.
+"""SentencePiece tokenizers: a picklable wrapper with added special tokens, and the shapes-world
+tokenizer trained on demand.
 
 The shapes tokenizer is trained deterministically from `captions.text_corpus()` in memory and cached
 on disk under a name that hashes the corpus and the trainer settings, so every process (and every
@@ -20,6 +21,11 @@ import sentencepiece as spm
 from vljax.data import captions
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+# Special tokens the views of `vljax.data.views` write: the image placeholder (LLaVA), the end of
+# an interleaved chunk (Flamingo), and grounding's phrase and box markers (Qwen-VL).
+VISION_TOKENS: tuple[str, ...] = ("<image>", "<|endofchunk|>", "<ref>", "</ref>", "<box>",
+                                  "</box>")
 
 # Fixed so that training is a pure function of the corpus: one thread, every sentence in the
 # given order, no sampling. Identity normalisation keeps decode(encode(text)) == text and the
@@ -44,24 +50,66 @@ _SOFT_VOCAB_LIMIT = 100_000
 
 
 class Tokenizer:
-  """A SentencePiece model that encodes batches to fixed-length int32 arrays and decodes them.
+  """A SentencePiece model that encodes batches to fixed-length int32 arrays and decodes them,
+  plus special tokens added after its vocabulary (`<image>`, `<box>`, ...).
 
-  Pickles as its serialized model proto, so grain worker processes can rebuild it.
+  An added token that is not a piece of the model gets the next free id, from the
+  SentencePiece vocabulary size on, in the order given; one that already is a piece keeps that
+  piece's id. `encode` treats text as plain text; `tokenize` also recognises the added tokens'
+  text. Pickles as its serialized model proto and added tokens, so grain worker processes can
+  rebuild it.
   """
 
-  def __init__(self, model_proto: bytes, *, source: str = "model proto"):
+  def __init__(self, model_proto: bytes, *, source: str = "model proto",
+               added_tokens: Sequence[str] = ()):
     self._model_proto = bytes(model_proto)
     self._processor = _load_processor(self._model_proto, source=source)
+    self._set_added_tokens(added_tokens)
+
+  def _set_added_tokens(self, added_tokens: Sequence[str]) -> None:
+    """Assigns ids to `added_tokens` and builds the pattern that finds them in text."""
+    if isinstance(added_tokens, str):
+      raise TypeError(f"added_tokens must be a sequence of strings, not the string "
+                      f"{added_tokens!r}")
+    added_tokens = tuple(added_tokens)
+    if not all(isinstance(t, str) and t for t in added_tokens):
+      raise TypeError(f"added_tokens must be a sequence of non-empty strings, got "
+                      f"{added_tokens!r}")
+    duplicates = sorted({t for t in added_tokens if added_tokens.count(t) > 1})
+    if duplicates:
+      raise ValueError(f"added_tokens repeats {', '.join(duplicates)}")
+    self._added_tokens = added_tokens
+    self._added_ids: dict[str, int] = {}
+    next_id = self._processor.vocab_size()
+    for token in added_tokens:
+      piece_id = self._processor.piece_to_id(token)
+      if self._processor.id_to_piece(piece_id) == token:
+        self._added_ids[token] = piece_id
+      else:
+        self._added_ids[token] = next_id
+        next_id += 1
+    self._added_texts = {token_id: token for token, token_id in self._added_ids.items()}
+    self._vocab_size = next_id
+    # Longest first, so that a token that extends another one wins.
+    by_length = sorted(added_tokens, key=len, reverse=True)
+    self._added_pattern = (re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+                           if added_tokens else None)
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+  def from_file(cls, path: str | os.PathLike[str], *,
+                added_tokens: Sequence[str] = ()) -> Tokenizer:
     """Loads a SentencePiece `.model` file; a missing or corrupt file raises naming `path`."""
     try:
       with open(path, "rb") as f:
         model_proto = f.read()
     except FileNotFoundError as e:
       raise FileNotFoundError(f"SentencePiece model file not found: {path}") from e
-    return cls(model_proto, source=os.fspath(path))
+    return cls(model_proto, source=os.fspath(path), added_tokens=added_tokens)
+
+  def with_added_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+    """This tokenizer with `tokens` added after its own added tokens (ones it has are kept)."""
+    new = tuple(t for t in dict.fromkeys(tokens) if t not in self._added_ids)
+    return Tokenizer(self._model_proto, added_tokens=self._added_tokens + new)
 
   @property
   def model_proto(self) -> bytes:
@@ -69,9 +117,14 @@ class Tokenizer:
     return self._model_proto
 
   @property
+  def added_tokens(self) -> tuple[str, ...]:
+    """The special tokens added to the SentencePiece vocabulary, in order."""
+    return self._added_tokens
+
+  @property
   def vocab_size(self) -> int:
-    """Number of token ids, special tokens included."""
-    return self._processor.vocab_size()
+    """Number of token ids: the SentencePiece pieces (special ones included) and added tokens."""
+    return self._vocab_size
 
   @property
   def pad_id(self) -> int:
@@ -94,12 +147,38 @@ class Tokenizer:
     """Id of the unknown token."""
     return self._processor.unk_id()
 
+  def token_id(self, name: str) -> int:
+    """The id of an added token, or of a SentencePiece piece (e.g. "</s>"), by its text."""
+    if name in self._added_ids:
+      return self._added_ids[name]
+    piece_id = self._processor.piece_to_id(name)
+    if self._processor.id_to_piece(piece_id) == name:
+      return piece_id
+    raise KeyError(f"{name!r} is neither an added token ({', '.join(self._added_tokens) or 'none'})"
+                   " nor a piece of this SentencePiece model; add it with "
+                   "Tokenizer.with_added_tokens")
+
+  def tokenize(self, text: str) -> list[int]:
+    """The ids of one text, without bos, eos or padding; each added token's text is its one id
+    and the text between them is encoded by SentencePiece (each stretch on its own)."""
+    if not isinstance(text, str):
+      raise TypeError(f"tokenize() takes one string, got {type(text).__name__}")
+    chunks = self._added_pattern.split(text) if self._added_pattern else [text]
+    ids = []
+    for chunk in chunks:
+      if chunk in self._added_ids:
+        ids.append(self._added_ids[chunk])
+      elif chunk:
+        ids.extend(self._processor.encode(chunk))
+    return ids
+
   def encode(self, texts: Sequence[str], max_len: int, *, bos: bool = False,
              eos: bool = True) -> np.ndarray:
     """Encodes `texts` as int32 [len(texts), max_len], right-padded with pad_id.
 
-    Long texts are truncated; with `eos` the last kept token is always eos, so a model can
-    still tell where a truncated text ends.
+    The texts are plain text (added tokens are not recognised; see `tokenize`). Long texts are
+    truncated; with `eos` the last kept token is always eos, so a model can still tell where a
+    truncated text ends.
     """
     if isinstance(texts, str):
       raise TypeError("encode() takes a sequence of strings; wrap a single text in a list.")
@@ -119,25 +198,35 @@ class Tokenizer:
 
   def decode(self, ids: Any) -> list[str]:
     """Decodes each row of token ids [N, L] to text, stopping at the first eos and skipping
-    pad and bos."""
+    pad and bos. Added tokens render as their text, joined to the text around them without
+    spaces (so "<image>", "a red circle", "<|endofchunk|>" reads
+    "<image>a red circle<|endofchunk|>")."""
     skipped = {self.pad_id, self.bos_id}
     texts = []
     for row in ids:
-      kept = []
+      parts, pieces = [], []
       for token in np.asarray(row).tolist():
         if token == self.eos_id:
           break
-        if token not in skipped:
-          kept.append(token)
-      texts.append(self._processor.decode(kept))
+        if token in skipped:
+          continue
+        if token in self._added_texts:
+          parts.append(self._processor.decode(pieces))
+          parts.append(self._added_texts[token])
+          pieces = []
+        else:
+          pieces.append(token)
+      parts.append(self._processor.decode(pieces))
+      texts.append("".join(parts))
     return texts
 
-  def __getstate__(self) -> dict[str, bytes]:
-    return {"model_proto": self._model_proto}
+  def __getstate__(self) -> dict[str, Any]:
+    return {"model_proto": self._model_proto, "added_tokens": self._added_tokens}
 
-  def __setstate__(self, state: dict[str, bytes]) -> None:
+  def __setstate__(self, state: dict[str, Any]) -> None:
     self._model_proto = state["model_proto"]
     self._processor = _load_processor(self._model_proto, source="pickled model proto")
+    self._set_added_tokens(state.get("added_tokens", ()))
 
 
 def _load_processor(model_proto: bytes, *, source: str) -> spm.SentencePieceProcessor:
@@ -250,21 +339,63 @@ def _write_atomically(path: str, data: bytes) -> None:
     raise
 
 
-def shapes_tokenizer(vocab_size: int | None = None, cache_dir: str | None = None) -> Tokenizer:
-  """The tokenizer of the shapes world, trained on `captions.text_corpus()` and cached on disk.
+def train_tokenizer(corpus: Sequence[str], vocab_size: int | None = None, *,
+                    added_tokens: Sequence[str] = VISION_TOKENS) -> Tokenizer:
+  """A tokenizer trained in memory on `corpus` with the shapes settings (nothing is cached).
+
+  `vocab_size=None` merges as far as the corpus allows (its words become single tokens); an
+  explicit size is a hard limit. Every character of the corpus gets a piece, so texts made of
+  them encode without unk. Meant for small corpora: tests and demos with their own words.
+  """
+  try:
+    model_proto = (_train_model_proto(corpus, _SOFT_VOCAB_LIMIT, hard_vocab_limit=False)
+                   if vocab_size is None else
+                   _train_model_proto(corpus, vocab_size, hard_vocab_limit=True))
+  except RuntimeError as e:
+    raise ValueError(f"SentencePiece cannot train vocab_size={vocab_size} on this corpus: "
+                     f"{e}") from e
+  return Tokenizer(model_proto, added_tokens=added_tokens)
+
+
+SHAPES_CORPORA = ("captions", "all")
+
+
+def shapes_corpus(which: str = "captions") -> list[str]:
+  """The texts the shapes tokenizer learns. "captions": captions and zero-shot prompts (what the
+  caption view writes). "all": also every other kind of text the shapes world and the views
+  write: VQA pairs, conversations, episodes, motion captions and referring expressions, the
+  views' fixed words (templates, system prompt), and the digits and brackets of box coordinates.
+  ("all" needs a vocabulary of ~780 for every word to be one BPE token, against ~180.)"""
+  if which not in SHAPES_CORPORA:
+    raise ValueError(f"Unknown shapes corpus {which!r}; choose one of {SHAPES_CORPORA}")
+  if which == "captions":
+    return captions.text_corpus()
+  # Imported here: these modules import this one.
+  from vljax.data import shapes_qa, shapes_tasks, views
+  # The views' fixed texts are repeated so that BPE merges their words as early as the scenes'.
+  return (captions.text_corpus() + shapes_qa.text_corpus() + shapes_tasks.text_corpus()
+          + views.template_texts() * 200)
+
+
+def shapes_tokenizer(vocab_size: int | None = None, cache_dir: str | None = None, *,
+                     added_tokens: Sequence[str] = (),
+                     corpus: str = "captions") -> Tokenizer:
+  """The tokenizer of the shapes world, trained on `shapes_corpus(corpus)` and cached on disk.
 
   `vocab_size=None` picks the smallest vocabulary in which every corpus word is one token, so
-  captions stay short. A missing or unusable cache file is (re)built; the model is a pure
-  function of the corpus and settings, so concurrent builders write identical bytes.
+  captions stay short; an explicit `vocab_size` is the SentencePiece vocabulary's size.
+  `added_tokens` (e.g. `VISION_TOKENS`, or a view's `special_tokens`) get the ids after it, so every SentencePiece id is
+  the same with or without them. A missing or unusable cache file is (re)built; the model is a
+  pure function of the corpus and settings, so concurrent builders write identical bytes.
   """
-  corpus = captions.text_corpus()
+  corpus = shapes_corpus(corpus)
   path = os.path.join(cache_dir or default_cache_dir(),
                       f"shapes_tokenizer_{_cache_key(corpus, vocab_size)}.model")
   if os.path.exists(path):
     with open(path, "rb") as f:
       model_proto = f.read()
     if _is_usable(model_proto, corpus, vocab_size):
-      return Tokenizer(model_proto)
+      return Tokenizer(model_proto, added_tokens=added_tokens)
   if vocab_size is None:
     model_proto = _train_word_level(corpus)
   else:
@@ -274,4 +405,4 @@ def shapes_tokenizer(vocab_size: int | None = None, cache_dir: str | None = None
       raise ValueError(f"SentencePiece rejects vocab_size={vocab_size} for the shapes "
                        f"corpus: {e}") from e
   _write_atomically(path, model_proto)
-  return Tokenizer(model_proto)
+  return Tokenizer(model_proto, added_tokens=added_tokens)

@@ -1,37 +1,56 @@
-"""The captioning evaluator: decode captions for validation scenes and score them with BLEU-1..4
-and CIDEr-D against every caption variant of the scene as references."""
+"""The captioning evaluator (type "captioning"): generate captions for validation images and
+score them with BLEU-1..4 and CIDEr-D against every reference caption."""
 from __future__ import annotations
 
-from typing import Callable
-
-import ml_collections
 import numpy as np
 
 from vljax.data import captions
-from vljax.data.pipeline import make_source
-from vljax.data.tokenizer import Tokenizer
+from vljax.evals.base import Evaluator, Predict, register
 from vljax.evals.caption_metrics import caption_scores, tokenize_caption
-from vljax.evals.contrastive import batched
+from vljax.evals.generative import generate, make_view
+from vljax.evals.sources import open_source, read_records
+from vljax.losses.captioning import decoder_input_length
 
 
-class CaptioningEvaluator:
-  """Holds `num_images` validation images and their references; `run(generate)` scores a
-  captioner, where `generate(uint8 [b, H, W, 3]) -> int32 [b, n]` returns token ids."""
+@register("captioning")
+class Captioning(Evaluator):
+  """BLEU-n and CIDEr-D of generated captions; references are every caption template of a
+  shapes scene, or the record's caption(s) for other sources."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, num_images: int, batch_size: int,
-               tokenizer: Tokenizer):
-    source = make_source(data_cfg, "validation")
-    scenes = [source.scene(i) for i in range(num_images)]
-    self.images = np.stack([source.render(scene) for scene in scenes])
-    self.references = {i: [tokenize_caption(c) for c in captions.captions(scene)]
-                       for i, scene in enumerate(scenes)}
-    self.batch_size = batch_size
-    self.tokenizer = tokenizer
+  NEEDS = ("generate",)
+  VIEW = "caption"
+  SETTINGS = dict(images=200)
+
+  def __init__(self, name, settings, env):
+    super().__init__(name, settings, env)
+    source = open_source(settings.source, self.where, env.data, settings.images)
+    records = read_records(source, settings.images, self.where, needs=("image", "caption"))
+    self.images = np.stack([r["image"] for r in records])
+    if hasattr(source, "scene"):
+      refs = [captions.captions(source.scene(i)) for i in range(settings.images)]
+    else:
+      refs = [r["caption"] if isinstance(r["caption"], list) else [r["caption"]] for r in records]
+    self.references = {i: [tokenize_caption(c) for c in rs] for i, rs in enumerate(refs)}
+    self.raw_references = refs
+    self.view = make_view(env, "caption")
+    self.max_new_tokens = decoder_input_length(env.data.max_text_len)
     self.last_captions: list[str] = []
 
-  def run(self, generate: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-    tokens = batched(generate, self.images, self.batch_size)
-    self.last_captions = self.tokenizer.decode(tokens)
+  def describe(self) -> str:
+    return f"{self.name}: captioning {self.settings.images} images"
+
+  def generate(self, predict: Predict, images: np.ndarray) -> list[str]:
+    prompts = [self.view.prompt({"image": image, "caption": ""}) for image in images]
+    return generate(self, predict, prompts, self.max_new_tokens)
+
+  def run(self, predict: Predict) -> dict[str, float]:
+    self.last_captions = self.generate(predict, self.images)
     candidates = {i: tokenize_caption(c) for i, c in enumerate(self.last_captions)}
     scores = caption_scores(candidates, self.references)
-    return {f"captioning/{k}": float(v) for k, v in scores.items()}
+    return {f"{self.name}/{k}": float(v) for k, v in scores.items()}
+
+  def sample(self, predict: Predict, count: int):
+    return self.images[:count], [[f"reference: {r[0]}"] for r in self.raw_references[:count]]
+
+  def annotate(self, predict: Predict, images: np.ndarray) -> list[list[str]]:
+    return [[f"generated: {c}"] for c in self.generate(predict, images)]

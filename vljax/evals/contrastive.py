@@ -1,17 +1,18 @@
-"""The image-text evaluator run during training: zero-shot classification and retrieval on
-validation scenes, from an image embedder and a text embedder."""
+"""Zero-shot classification and image-text retrieval evaluators, from an image embedder and a
+text embedder (types "zeroshot" and "retrieval" of `config.evals`)."""
 from __future__ import annotations
 
 from typing import Callable
 
-import ml_collections
 import numpy as np
 
 from vljax.data import captions
-from vljax.data.pipeline import encode_texts, make_source
-from vljax.data.tokenizer import Tokenizer
+from vljax.data.pipeline import encode_texts
+from vljax.evals.base import Evaluator, Predict, register
 from vljax.evals.retrieval import retrieval_metrics
+from vljax.evals.sources import open_source, read_records
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
+
 
 def batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int) -> np.ndarray:
   """Applies `fn` to fixed-size batches (the last one padded) so it compiles once."""
@@ -25,54 +26,80 @@ def batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_si
   return np.concatenate(outputs)
 
 
-class ImageTextEvaluator:
-  """Builds the validation sets once; `run` embeds them and returns the metrics."""
+class _Embedding(Evaluator):
+  NEEDS = ("embed_images", "embed_texts")
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
-               tokenizer: Tokenizer):
-    self.cfg = eval_cfg
-    self.data_cfg = data_cfg
-    self.tokenizer = tokenizer
-    single = make_source(data_cfg, "validation", min_objects=1, max_objects=1)
-    zs = [single.example(i) for i in range(eval_cfg.zeroshot_images)]
-    self.zs_images = np.stack([e["image"] for e in zs])
-    self.zs_labels = np.array([e["label"] for e in zs])
+  def embed_images(self, predict: Predict, images: np.ndarray) -> np.ndarray:
+    return predict("embed_images", {"image": images})
+
+  def embed_texts(self, predict: Predict, texts: list[str]) -> np.ndarray:
+    return predict("embed_texts", {"text": encode_texts(self.env.data, self.env.tokenizer, texts)})
+
+
+@register("zeroshot")
+class ZeroShot(_Embedding):
+  """Top-1 / top-5 over the colour x shape classes on single-object validation scenes, with
+  CLIP-style prompt ensembles; "NAME_held_out/top1" on the held-out combinations alone."""
+
+  SETTINGS = dict(images=960)
+
+  def __init__(self, name, settings, env):
+    super().__init__(name, settings, env)
+    world = open_source(settings.source, self.where, env.data, settings.images,
+                        min_objects=1, max_objects=1)
+    if not hasattr(world, "held_out"):
+      raise ValueError(f"{self.where}: zero-shot over class names reads the shapes world; use "
+                       "type='tfds_zeroshot' for a TFDS classification set")
+    records = [world.example(i) for i in range(settings.images)]
+    self.images = np.stack([r["image"] for r in records])
+    self.labels = np.array([r["label"] for r in records])
     self.class_names = captions.class_names()
-    held_out = {captions.class_id(c, s) for c, s in single.held_out}
-    self.zs_held_out = np.array([label in held_out for label in self.zs_labels])
-    pairs_source = make_source(data_cfg, "validation")
-    pairs = [pairs_source.example(i) for i in range(eval_cfg.retrieval_pairs)]
-    self.rt_images = np.stack([e["image"] for e in pairs])
-    self.rt_captions = [e["caption"] for e in pairs]
+    held_out = {captions.class_id(c, s) for c, s in world.held_out}
+    self.held_out = np.array([label in held_out for label in self.labels])
+    self._classifier = None
 
-  def tokenize(self, texts: list[str]) -> np.ndarray:
-    return encode_texts(self.data_cfg, self.tokenizer, texts)
+  def describe(self) -> str:
+    return f"{self.name}: zero-shot on {self.settings.images} images"
 
-  def run(self, embed_images: Callable[[np.ndarray], np.ndarray],
-          embed_texts: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-    """`embed_images(uint8 [b,H,W,3])` and `embed_texts(int32 [b,L])` give L2-normalised rows."""
-    bs = self.cfg.batch_size
-    text_fn = lambda texts: batched(embed_texts, self.tokenize(texts), bs)
-    classifier = zeroshot_classifier(text_fn, self.class_names, captions.ZEROSHOT_TEMPLATES)
-    zs_emb = batched(embed_images, self.zs_images, bs)
-    metrics = zeroshot_accuracy(zs_emb, classifier, self.zs_labels)
-    if self.zs_held_out.any():
-      metrics.update(zeroshot_accuracy(zs_emb[self.zs_held_out], classifier,
-                                       self.zs_labels[self.zs_held_out], ks=(1,),
-                                       prefix="zeroshot_held_out"))
-    self._last_classifier = classifier
-    img_emb = batched(embed_images, self.rt_images, bs)
-    txt_emb = text_fn(self.rt_captions)
-    metrics.update(retrieval_metrics(img_emb, txt_emb))
+  def classifier(self, predict: Predict) -> np.ndarray:
+    return zeroshot_classifier(lambda texts: self.embed_texts(predict, texts), self.class_names,
+                               captions.ZEROSHOT_TEMPLATES)
+
+  def run(self, predict: Predict) -> dict[str, float]:
+    self._classifier = classifier = self.classifier(predict)
+    embeddings = self.embed_images(predict, self.images)
+    metrics = zeroshot_accuracy(embeddings, classifier, self.labels, prefix=self.name)
+    if self.held_out.any():
+      metrics.update(zeroshot_accuracy(embeddings[self.held_out], classifier,
+                                       self.labels[self.held_out], ks=(1,),
+                                       prefix=f"{self.name}_held_out"))
     return metrics
 
-  def sample_lines(self, embed_images: Callable[[np.ndarray], np.ndarray], count: int = 8):
-    """(images, lines) for `samples.png`: reference caption and top-3 zero-shot labels of the
-    first `count` retrieval images (uses the classifier of the last `run`)."""
-    images = self.rt_images[:count]
-    scores = batched(embed_images, images, self.cfg.batch_size) @ self._last_classifier.T
-    top3 = np.argsort(-scores, axis=1)[:, :3]
-    lines = [[f"reference: {caption}",
-              "zero-shot: " + ", ".join(self.class_names[c] for c in row)]
-             for caption, row in zip(self.rt_captions[:count], top3)]
-    return images, lines
+  def annotate(self, predict: Predict, images: np.ndarray) -> list[list[str]]:
+    classifier = self._classifier if self._classifier is not None else self.classifier(predict)
+    top3 = np.argsort(-(self.embed_images(predict, images) @ classifier.T), axis=1)[:, :3]
+    return [["zero-shot: " + ", ".join(self.class_names[c] for c in row)] for row in top3]
+
+
+@register("retrieval")
+class Retrieval(_Embedding):
+  """Image -> text and text -> image Recall@1/5/10 over image-caption pairs of the source."""
+
+  SETTINGS = dict(pairs=1000)
+
+  def __init__(self, name, settings, env):
+    super().__init__(name, settings, env)
+    source = open_source(settings.source, self.where, env.data, settings.pairs)
+    records = read_records(source, settings.pairs, self.where, needs=("image", "caption"))
+    self.images = np.stack([r["image"] for r in records])
+    self.captions = [r["caption"] for r in records]
+
+  def describe(self) -> str:
+    return f"{self.name}: retrieval over {self.settings.pairs} pairs"
+
+  def run(self, predict: Predict) -> dict[str, float]:
+    return retrieval_metrics(self.embed_images(predict, self.images),
+                             self.embed_texts(predict, self.captions), prefix=self.name)
+
+  def sample(self, predict: Predict, count: int):
+    return self.images[:count], [[f"reference: {c}"] for c in self.captions[:count]]

@@ -1,8 +1,9 @@
 """Zero-shot classification on TFDS classification datasets (cifar100, imagenet2012, ...).
 
-Configured as `config.evals.tfds_zeroshot = {short_name: spec}`; each spec's fields and defaults
-are `SPEC_DEFAULTS`, and its metrics are "zeroshot_<short_name>/top1" and ".../top5" (with 5 or
-more classes), plus ".../images" (images scored) and ".../skipped" (bad records left out).
+Configured as `config.evals.NAME = dict(type="tfds_zeroshot", name="cifar100", ...)`; the fields
+and defaults are `SPEC_DEFAULTS`, and the metrics "NAME/top1" and "NAME/top5" (with 5 or more
+classes), plus "NAME/images" (images scored) and "NAME/skipped" (bad records left out); configs
+name the entry "zeroshot_<dataset>" by convention.
 Class names come from the dataset's ClassLabel feature ("aquarium_fish" -> "aquarium fish") or
 from the spec; prompts are CLIP-style templates averaged per class. The images are read and
 decoded again at every evaluation (a full ImageNet validation set does not fit in host memory
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import grain
 import ml_collections
@@ -20,7 +21,8 @@ import numpy as np
 
 from vljax.data.pipeline import encode_texts
 from vljax.data.tfds import open_tfds_source
-from vljax.data.tokenizer import Tokenizer
+from vljax.errors import ConfigError
+from vljax.evals.base import Environment, Evaluator, Predict, register
 from vljax.evals.contrastive import batched
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
@@ -36,7 +38,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 SPEC_DEFAULTS = dict(
-    name="",  # TFDS dataset, optionally with config / version; "" = the entry's short name
+    name="",  # TFDS dataset, optionally with config / version
     split="test",  # TFDS split syntax ("validation", "test[:1000]")
     data_dir="",  # "" = config.data.tfds_data_dir (and TFDS's default where that is "")
     image_key="image",
@@ -49,29 +51,6 @@ SPEC_DEFAULTS = dict(
 )
 
 _WORDNET_ID = re.compile(r"n\d{8}")
-
-
-def zeroshot_specs(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """`config.evals.tfds_zeroshot` with every spec completed from SPEC_DEFAULTS; an unknown or
-  ill-typed field raises naming it."""
-  specs = ml_collections.ConfigDict()
-  for key, spec in dict(cfg).items():
-    where = f"config.evals.tfds_zeroshot.{key}"
-    if not isinstance(spec, (Mapping, ml_collections.ConfigDict)):
-      raise ValueError(f"{where} must be a dict of spec fields ({', '.join(SPEC_DEFAULTS)}), "
-                       f"got {spec!r}")
-    unknown = sorted(set(spec) - set(SPEC_DEFAULTS))
-    if unknown:
-      raise ValueError(f"Unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                       f"valid keys: {', '.join(sorted(SPEC_DEFAULTS))}")
-    full = {**SPEC_DEFAULTS, **dict(spec)}
-    if not isinstance(full["num_images"], int) or full["num_images"] < 0:
-      raise ValueError(f"{where}.num_images must be a non-negative int, got {full['num_images']!r}")
-    for template in full["templates"]:
-      if not isinstance(template, str) or template.count("{}") != 1:
-        raise ValueError(f"{where}.templates: {template!r} must hold '{{}}' exactly once")
-    specs[key] = ml_collections.ConfigDict(full)
-  return specs
 
 
 def readable_class_names(names: Sequence[str]) -> list[str]:
@@ -92,17 +71,21 @@ def _explicit_class_names(value: Any, where: str) -> list[str]:
   return names
 
 
-class TfdsZeroShotEvaluator:
-  """Zero-shot top-1 / top-5 of one TFDS split; `run` takes the same embedders as
-  `vljax.evals.contrastive.ImageTextEvaluator.run`."""
+@register("tfds_zeroshot")
+class TfdsZeroShot(Evaluator):
+  """Zero-shot top-1 / top-5 of one TFDS classification split."""
 
-  def __init__(self, key: str, spec: Mapping[str, Any], data_cfg: ml_collections.ConfigDict,
-               tokenizer: Tokenizer, batch_size: int):
-    where = f"config.evals.tfds_zeroshot.{key}"
-    self.key, self.prefix = key, f"zeroshot_{key}"
-    self.spec = zeroshot_specs({key: spec})[key]
-    self.data_cfg, self.tokenizer, self.batch_size = data_cfg, tokenizer, batch_size
-    name = self.spec.name or key
+  NEEDS = ("embed_images", "embed_texts")
+  SETTINGS = SPEC_DEFAULTS
+
+  def __init__(self, key: str, settings: ml_collections.ConfigDict, env: Environment):
+    super().__init__(key, settings, env)
+    where, data_cfg = self.where, env.data
+    self.key, self.prefix, self.spec = key, key, settings
+    self.batch_size = settings.batch_size
+    if not settings.name:
+      raise ConfigError(f"{where}.name: give the TFDS dataset (e.g. 'cifar100')")
+    name = settings.name
     self.source = open_tfds_source(
         lambda argument: f"{where}.{argument}", f"{where} (name / data_dir)", name,
         split=self.spec.split, data_dir=self.spec.data_dir or data_cfg.tfds_data_dir or None,
@@ -129,8 +112,20 @@ class TfdsZeroShotEvaluator:
       self.class_names = readable_class_names(names)
     self.templates = tuple(self.spec.templates) or DEFAULT_TEMPLATES
 
+  @classmethod
+  def check(cls, settings: ml_collections.ConfigDict, where: str) -> None:
+    if not isinstance(settings.num_images, int) or settings.num_images < 0:
+      raise ConfigError(f"{where}.num_images must be a non-negative int, got "
+                        f"{settings.num_images!r}")
+    for template in settings.templates:
+      if not isinstance(template, str) or template.count("{}") != 1:
+        raise ConfigError(f"{where}.templates: {template!r} must hold '{{}}' exactly once")
+
+  def describe(self) -> str:
+    return f"{self.name}: zero-shot on TFDS {self.spec.name}"
+
   def tokenize(self, texts: list[str]) -> np.ndarray:
-    return encode_texts(self.data_cfg, self.tokenizer, texts)
+    return encode_texts(self.env.data, self.env.tokenizer, texts)
 
   def _examples(self):
     """The split's examples (or its first num_images), read and decoded by threads, in order."""
@@ -141,9 +136,9 @@ class TfdsZeroShotEvaluator:
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                 prefetch_buffer_size=4 * self.batch_size))
 
-  def run(self, embed_images: Callable[[np.ndarray], np.ndarray],
-          embed_texts: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-    """`embed_images(uint8 [b,H,W,3])` and `embed_texts(int32 [b,L])` give L2-normalised rows."""
+  def run(self, predict: Predict) -> dict[str, float]:
+    embed_images = lambda images: predict("embed_images", {"image": images})
+    embed_texts = lambda tokens: predict("embed_texts", {"text": tokens})
     text_fn = lambda texts: batched(embed_texts, self.tokenize(texts), self.batch_size)
     classifier = zeroshot_classifier(text_fn, self.class_names, self.templates)
     num_classes = len(self.class_names)
@@ -169,7 +164,7 @@ class TfdsZeroShotEvaluator:
     if pending:
       flush()
     if not labels:
-      raise ValueError(f"config.evals.tfds_zeroshot.{self.key}: no usable image in "
+      raise ValueError(f"{self.where}: no usable image in "
                        f"{self.source!r} ({skipped} bad records; first: {first_error or 'none'})")
     metrics = zeroshot_accuracy(np.concatenate(embeddings), classifier, labels, prefix=self.prefix)
     metrics[f"{self.prefix}/images"] = float(len(labels))

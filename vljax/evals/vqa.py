@@ -1,13 +1,14 @@
 """VQAv2 accuracy: the official evaluation's answer normalisation and its 10-annotator soft score.
 
 Written from the rules of the official VQA evaluation (Agrawal et al., `vqaEval.py` of the VQA
-API, as used by the VQAv2 challenge, LAVIS and lmms-eval):
+API, GT-Vision-Lab/VQA, as used by the VQAv2 challenge, LAVIS and lmms-eval):
 
 1. newlines and tabs become spaces, the ends are stripped;
 2. punctuation: each character of `PUNCTUATION` is deleted when it stands next to a space
    anywhere in the answer (or when the answer holds a digit-comma-digit number such as "1,000"),
    and otherwise replaced by a space ("black-and-white" -> "black and white"); then every
-   period not followed by a digit is deleted ("yes." -> "yes", "3.5" stays);
+   period not followed by a digit is deleted ("yes." -> "yes", "3.5" stays), at most 32 of them
+   (the script passes `re.UNICODE`, 32, where `re.sub` takes its count);
 3. lower case, split on whitespace; number words "none", "zero" .. "ten" become digits; the
    articles "a", "an", "the" are dropped; apostrophe-less contractions get their apostrophes
    back ("dont" -> "don't", "whats" -> "what's"); words joined by single spaces.
@@ -16,10 +17,11 @@ The score of a prediction against the 10 human answers averages, over the 10 sub
 annotators that leave one out, min(#annotators in the subset who gave the prediction / 3, 1):
 an answer given by 1, 2, 3 or >= 4 annotators scores 0.3, 0.6, 0.9 and 1.0.
 
-One deliberate difference: the official script normalises answers only when the 10 human answers
-are not all identical (VQAv2's annotations are already stored normalised, so this only matters
-for an unnormalised prediction to a unanimous question, e.g. "Yes." against ten "yes"). Here
-predictions and answers are always normalised; `official_unanimous=True` restores the quirk.
+One deliberate difference: the official script normalises the prediction fully (1-3) but the
+human answers only partly: not at all when the 10 are identical, else punctuation only (2).
+VQAv2's answers are stored in normal form, so this only matters for answers that are not, e.g.
+ten "Two" against a prediction "2". Here the human answers get the full normalisation too;
+`official=True` restores the script's behaviour exactly.
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # a digit" is written as a lookahead for the literal text "<=" plus a digit, which never fires
 # before a period, so "3." loses its period and ".5" keeps it.
 _STRAY_PERIOD = re.compile(r"\.(?!\d)")
+# The official script's `periodStrip.sub("", text, re.UNICODE)` passes re.UNICODE (32) as the
+# count of replacements.
+_STRAY_PERIOD_LIMIT = 32
 
 
 def _strip_punctuation(text: str) -> str:
@@ -86,7 +91,7 @@ def _strip_punctuation(text: str) -> str:
       out = out.replace(char, "")
     else:
       out = out.replace(char, " ")
-  return _STRAY_PERIOD.sub("", out)
+  return _STRAY_PERIOD.sub("", out, count=_STRAY_PERIOD_LIMIT)
 
 
 def _normalize_words(text: str) -> str:
@@ -107,23 +112,22 @@ def normalize_answer(text: str) -> str:
   return _normalize_words(_strip_punctuation(_clean_whitespace(text)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], *,
-                 official_unanimous: bool = False) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, official: bool = False) -> float:
   """The VQA soft score of `prediction` against the human `answers` (10 in VQAv2), in [0, 1].
 
   The mean over the leave-one-out subsets of `answers` of min(#matches in the subset / 3, 1),
   after normalising the prediction and every answer. With a single ground truth repeated 10
   times (the shapes world, `[answer] * 10`) it is exact match after normalisation: 1 or 0.
-  `official_unanimous=True` compares without normalisation when all answers are identical, as
-  the official script does.
+  `official=True` normalises the human answers as the official script does: not at all when
+  they are identical, else their punctuation only.
   """
   if not answers:
     raise ValueError("vqa_accuracy needs at least one human answer.")
-  prediction = _clean_whitespace(prediction)
-  answers = [_clean_whitespace(answer) for answer in answers]
-  if not (official_unanimous and len(set(answers)) == 1):
-    prediction = normalize_answer(prediction)
+  prediction = normalize_answer(prediction)
+  if not official:
     answers = [normalize_answer(answer) for answer in answers]
+  elif len(set(answers)) > 1:
+    answers = [_strip_punctuation(answer) for answer in answers]
   matches = sum(answer == prediction for answer in answers)
   total = 0.0
   for left_out in answers:
@@ -134,7 +138,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *,
 
 def vqa_scores(predictions: Sequence[str], answers_lists: Sequence[Sequence[str]],
                question_types: Sequence[str] | None = None, *,
-               official_unanimous: bool = False) -> dict[str, float]:
+               official: bool = False) -> dict[str, float]:
   """Mean VQA accuracy over questions, in [0, 1] (the official script reports 100x this).
 
   Returns {"accuracy": mean, "count": number of questions} and, when `question_types` is given
@@ -148,7 +152,7 @@ def vqa_scores(predictions: Sequence[str], answers_lists: Sequence[Sequence[str]
                      "predictions.")
   if not predictions:
     raise ValueError("vqa_scores needs at least one question.")
-  scores = [vqa_accuracy(prediction, answers, official_unanimous=official_unanimous)
+  scores = [vqa_accuracy(prediction, answers, official=official)
             for prediction, answers in zip(predictions, answers_lists)]
   result = {"accuracy": sum(scores) / len(scores), "count": float(len(scores))}
   if question_types is not None:

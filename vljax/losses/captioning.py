@@ -1,7 +1,7 @@
 """Captioning (next-token) loss shared by the generative families: CoCa, BLIP, PaLI, ...
 
 Text is right-padded [BOS w_1 .. w_n EOS pad ..]; the model reads every token but the last and
-predicts every token but the first, and padding targets carry no loss.
+predicts every token but the first; which targets carry loss is the example's mask_loss.
 """
 from __future__ import annotations
 
@@ -9,10 +9,26 @@ import jax
 import jax.numpy as jnp
 
 
-def shift_for_captioning(text_bt: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(inputs_bt, targets_bt, mask_bt) = (text[:, :-1], text[:, 1:], text[:, 1:] != pad_id)."""
-  targets_bt = text_bt[:, 1:]
-  return text_bt[:, :-1], targets_bt, targets_bt != pad_id
+def decoder_inputs(text_bt: jax.Array) -> jax.Array:
+  """What a decoder reads of a text: every token but the last (see `next_token_targets`)."""
+  return text_bt[:, :-1]
+
+
+def next_token_targets(text_bt: jax.Array, mask_loss_bt: jax.Array
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The one decoder-input shift: (inputs_bt, targets_bt, weights_bt) = (text[:, :-1],
+  text[:, 1:], mask_loss[:, 1:]).
+
+  `mask_loss[i]` says whether token i is scored (predicted from the tokens before it), as
+  big_vision's mask_loss; the views of `vljax.data.views` write it, so no loss guesses from a
+  pad id which tokens count.
+  """
+  return decoder_inputs(text_bt), text_bt[:, 1:], mask_loss_bt[:, 1:].astype(bool)
+
+
+def decoder_input_length(max_text_len: int) -> int:
+  """Length of the decoder inputs `next_token_targets` gives for texts of `max_text_len`."""
+  return max_text_len - 1
 
 
 def captioning_loss(logits_btv: jax.Array, targets_bt: jax.Array,

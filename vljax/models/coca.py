@@ -19,24 +19,26 @@ CLS query sees every non-pad token and itself. Since no text position depends on
 generation (`decode_step`, KV cache) runs both decoders without it and gives the same logits as
 the full forward.
 
-`__call__(images, tokens)` returns `((zimg, ztxt, logits_btv), aux)`: L2-normalised [B, D]
-embeddings (None for a missing input) and the captioning logits (None unless both are given).
+`__call__(images, tokens)` returns a dict of named outputs, as `TwoTower` does (see
+`CoCa.__call__`): L2-normalised [B, D] embeddings "zimg" / "ztxt" (None for a missing input),
+the captioning "logits" (None unless both inputs are given), the logit "scale" (and "bias" with
+the sigmoid loss) and intermediates under "img/..." and "txt/...". The losses live with the
+family code; `generate` captions images, optionally continuing a prompt.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vljax import decode
-from vljax.losses.captioning import captioning_loss, shift_for_captioning
-from vljax.losses.contrastive import softmax_loss
-from vljax.models.two_tower import l2_normalize
+from vljax.models.sizes import resolve_sizes
+from vljax.models.two_tower import (check_contrastive, default_temperature_init, l2_normalize,
+                                    logit_scale)
 from vljax.models.vit import ViT
-from vljax.nn import (Dense, LayerNorm, LearnedPosEmbed, MultiHeadAttention, TokenEmbed,
+from vljax.nn import (AttentionPool, BlockConfig, Dense, LayerNorm, LearnedPosEmbed, TokenEmbed,
                       Transformer, causal_mask, constrain, padding_mask, partitioned)
 
 # Decoder sizes and the image ViT variant per preset. The paper's three (Table 1) see 288px images
@@ -61,27 +63,6 @@ _SIZE_FIELDS = ("vocab_size", "width", "num_heads", "mlp_dim", "unimodal_depth",
                 "multimodal_depth", "num_caption_queries")
 
 
-class AttentionalPooler(nn.Module):
-  """`num_queries` learned queries of width `width` attend to tokens of any width in one
-  multi-head attention layer, then LayerNorm (the paper's pooler; praxis's query_dims)."""
-
-  width: int
-  num_queries: int
-  num_heads: int
-  norm_eps: float = 1e-6
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, tokens_bnd: jax.Array) -> jax.Array:
-    probe = self.param("probe", partitioned(nn.initializers.normal(self.width ** -0.5),
-                                            (None, None, "embed")),
-                       (1, self.num_queries, self.width), jnp.float32)
-    probe_bqd = jnp.broadcast_to(probe, (tokens_bnd.shape[0],) + probe.shape[1:]).astype(self.dtype)
-    attention = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
-    pooled_bqd = attention(probe_bqd, tokens_bnd)
-    return LayerNorm(self.norm_eps, dtype=self.dtype, name="norm")(pooled_bqd)
-
-
 class CoCa(nn.Module):
   """Image ViT + attentional poolers + unimodal / multimodal text decoders + temperature."""
 
@@ -100,7 +81,9 @@ class CoCa(nn.Module):
   # else bias-free linear projections of both to embed_dim (open_clip)
   tied_output: bool = False  # False: separate vocabulary projection (open_clip, praxis)
   pad_id: int = 0
-  temperature_init: float = math.log(1 / 0.07)  # t' with logit scale exp(t')
+  contrastive: str = "softmax"  # "softmax" (paper) | "sigmoid" (SigLIP's, adds the bias "b")
+  temperature_init: float | None = None  # t' with logit scale exp(t'); default by contrastive
+  bias_init: float = -10.0  # the sigmoid loss's b
   max_scale: float | None = 100.0  # CLIP's clamp of exp(t')
   act: str = "gelu"
   norm_eps: float = 1e-6
@@ -115,15 +98,10 @@ class CoCa(nn.Module):
     if self.variant is not None and self.variant not in COCA_VARIANTS:
       raise ValueError(f"Unknown CoCa variant {self.variant!r}; "
                        f"choose one of {sorted(COCA_VARIANTS)}")
-    sizes = dict(COCA_VARIANTS.get(self.variant, {}))
-    for key in _SIZE_FIELDS:
-      if getattr(self, key) is not None:
-        sizes[key] = getattr(self, key)
-      if key not in sizes:
-        raise ValueError(f"CoCa needs {key!r}: give variant= or {key}=")
-    return sizes
+    return resolve_sizes("CoCa", COCA_VARIANTS.get(self.variant, {}), self, _SIZE_FIELDS)
 
   def setup(self):
+    check_contrastive(self.contrastive)
     s = self.sizes()
     width = s["width"]
     image = dict(pool="none", act=self.act, norm_eps=self.norm_eps, scan=self.scan,
@@ -132,17 +110,19 @@ class CoCa(nn.Module):
       image["variant"] = s["image"]
     image.update(self.image or {})
     self.img = ViT(**image, name="img")
-    pool_kw = dict(num_heads=self.pool_heads or s["num_heads"], norm_eps=self.norm_eps,
+    # The paper's poolers: queries of the decoder width over ViT tokens, attention, LayerNorm.
+    pool_kw = dict(num_heads=self.pool_heads or s["num_heads"], width=width,
+                   probe_init=nn.initializers.normal(width ** -0.5), norm_eps=self.norm_eps,
                    dtype=self.dtype)
-    self.contrastive_pool = AttentionalPooler(width, 1, **pool_kw)
-    self.caption_pool = AttentionalPooler(width, s["num_caption_queries"], **pool_kw)
+    self.contrastive_pool = AttentionPool(num_queries=1, **pool_kw)
+    self.caption_pool = AttentionPool(num_queries=s["num_caption_queries"], **pool_kw)
     self.token_embedding = TokenEmbed(s["vocab_size"], width, dtype=self.dtype)
     self.pos_embedding = LearnedPosEmbed(self.max_len + 1, init_std=0.01)
     self.cls = self.param("cls", partitioned(nn.initializers.normal(0.01), (None, None, "embed")),
                           (1, 1, width), jnp.float32)
-    stack_kw = dict(num_heads=s["num_heads"], mlp_dim=s["mlp_dim"], act=self.act,
-                    dropout=self.dropout, norm_eps=self.norm_eps, scan=self.scan,
-                    remat=self.remat, decode=self.decode, dtype=self.dtype)
+    block = BlockConfig(s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
+                        norm_eps=self.norm_eps, decode=self.decode, dtype=self.dtype)
+    stack_kw = dict(block=block, scan=self.scan, remat=self.remat)
     self.unimodal = Transformer(s["unimodal_depth"], final_norm=False, **stack_kw)
     self.cls_norm = LayerNorm(self.norm_eps, dtype=self.dtype)
     self.multimodal = Transformer(s["multimodal_depth"], cross_attention=True, **stack_kw)
@@ -152,8 +132,12 @@ class CoCa(nn.Module):
     if self.embed_dim is not None:
       self.img_proj = Dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype)
       self.txt_proj = Dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype)
-    self.t_prime = self.param(
-        "t", partitioned(nn.initializers.constant(self.temperature_init), ()), ())
+    t_init = self.temperature_init
+    if t_init is None:
+      t_init = default_temperature_init(self.contrastive)
+    self.t_prime = self.param("t", partitioned(nn.initializers.constant(t_init), ()), ())
+    if self.contrastive == "sigmoid":
+      self.bias = self.param("b", partitioned(nn.initializers.constant(self.bias_init), ()), ())
 
   def encode_image(self, images_bhwc: jax.Array, train: bool = False):
     """-> (contrastive features [B, W], captioning features [B, N, W], ViT tokens [B, P, W_img])."""
@@ -200,74 +184,33 @@ class CoCa(nn.Module):
     return l2_normalize(features_bd.astype(jnp.float32))
 
   def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None,
-               train: bool = False):
+               train: bool = False) -> dict[str, jax.Array | None]:
+    """-> {"zimg": [B, D] or None, "ztxt": [B, D] or None, "logits": [B, T, V] or None (needs
+    both inputs), "scale": [] (exp t', clamped), "bias": [] (sigmoid only), and with images
+    "img/tokens" [B, P, W_img], "img/pre_logits" [B, W], "img/caption_features" [B, N, W],
+    with tokens "txt/tokens" [B, T, W], "txt/pre_logits" [B, W]}.
+
+    The logits at position t predict token t + 1; the embeddings are float32, L2-normalised.
+    """
     if self.decode:
       raise ValueError("a decode=True CoCa only runs decode_step; see decode_step_fn")
-    aux: dict[str, jax.Array] = {}
-    zimg = ztxt = logits_btv = None
+    out: dict[str, jax.Array | None] = {"zimg": None, "ztxt": None, "logits": None}
     if images_bhwc is not None:
       pooled_bd, caption_bnd, image_tokens = self.encode_image(images_bhwc, train)
-      aux.update({"img/tokens": image_tokens, "img/pre_logits": pooled_bd,
+      out.update({"img/tokens": image_tokens, "img/pre_logits": pooled_bd,
                   "img/caption_features": caption_bnd})
-      zimg = self._embed(pooled_bd, "img_proj")
+      out["zimg"] = self._embed(pooled_bd, "img_proj")
     if tokens_bt is not None:
       cls_bd, text_btd = self.encode_text(tokens_bt, train)
-      aux.update({"txt/tokens": text_btd, "txt/pre_logits": cls_bd})
-      ztxt = self._embed(cls_bd, "txt_proj")
+      out.update({"txt/tokens": text_btd, "txt/pre_logits": cls_bd})
+      out["ztxt"] = self._embed(cls_bd, "txt_proj")
     if images_bhwc is not None and tokens_bt is not None:
-      logits_btv = self.caption_logits(text_btd, caption_bnd, causal_mask(tokens_bt.shape[1]),
-                                       train)
-    scale = jnp.exp(self.t_prime)
-    if self.max_scale is not None:
-      scale = jnp.minimum(scale, self.max_scale)
-    aux["t"] = scale
-    return (zimg, ztxt, logits_btv), aux
-
-
-def coca_loss(model: CoCa, params, images_bhwc: jax.Array, text_bt: jax.Array, rng: jax.Array, *,
-              contrastive_weight: float = 1.0, caption_weight: float = 2.0,
-              contrastive_kwargs: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict]:
-  """L = contrastive_weight * L_con + caption_weight * L_cap (paper: 1 and 2); (loss, metrics).
-
-  `text_bt` is [BOS w.. EOS pad..]: the model reads text[:, :-1] (the contrastive text embedding
-  too, as open_clip) and is scored on text[:, 1:]. `contrastive_kwargs` go to `softmax_loss`
-  (impl, chunk_size, mesh, axis).
-  """
-  inputs_bt, targets_bt, mask_bt = shift_for_captioning(text_bt, model.pad_id)
-  (zimg, ztxt, logits_btv), aux = model.apply({"params": params}, images_bhwc, inputs_bt,
-                                              train=True, rngs={"dropout": rng})
-  con_loss, con_metrics = softmax_loss(zimg, ztxt, aux["t"], **(contrastive_kwargs or {}))
-  cap_loss, cap_metrics = captioning_loss(logits_btv, targets_bt, mask_bt)
-  loss = contrastive_weight * con_loss + caption_weight * cap_loss
-  return loss, {**con_metrics, **cap_metrics, "con_loss": con_loss, "loss": loss, "t": aux["t"]}
-
-
-def _map_attention_caches(fn: Callable[[dict], dict], cache: Mapping) -> dict:
-  """Applies `fn` to every {cached_key, cached_value, cache_index} dict of a flax cache."""
-  if "cached_key" in cache:
-    return fn(cache)
-  return {name: _map_attention_caches(fn, sub) for name, sub in cache.items()}
-
-
-def _batch_major(cache: Mapping, scanned: bool) -> dict:
-  """vljax.decode wants batch-first leaves: a scanned stack's [depth, B, ...] keys and values
-  move the batch first, and its [depth] cache indices (all equal) become one scalar."""
-  if not scanned:
-    return dict(cache)
-  return _map_attention_caches(lambda c: {
-      "cached_key": jnp.moveaxis(c["cached_key"], 0, 1),
-      "cached_value": jnp.moveaxis(c["cached_value"], 0, 1),
-      "cache_index": c["cache_index"][0]}, cache)
-
-
-def _layer_major(cache: Mapping, scanned: bool) -> dict:
-  """Inverse of `_batch_major`."""
-  if not scanned:
-    return dict(cache)
-  return _map_attention_caches(lambda c: {
-      "cached_key": jnp.moveaxis(c["cached_key"], 1, 0),
-      "cached_value": jnp.moveaxis(c["cached_value"], 1, 0),
-      "cache_index": jnp.broadcast_to(c["cache_index"], c["cached_key"].shape[1:2])}, cache)
+      out["logits"] = self.caption_logits(text_btd, caption_bnd,
+                                          causal_mask(tokens_bt.shape[1]), train)
+    out["scale"] = logit_scale(self.t_prime, self.max_scale)
+    if self.contrastive == "sigmoid":
+      out["bias"] = self.bias
+    return out
 
 
 def init_decode(model: CoCa, params, images_bhwc: jax.Array, max_len: int) -> dict:
@@ -288,7 +231,7 @@ def init_decode(model: CoCa, params, images_bhwc: jax.Array, max_len: int) -> di
   # A cache starts as zeros with index 0, so only its shapes are needed.
   shapes = jax.eval_shape(declare, params, caption_bnd)
   kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  return {"kv": _batch_major(kv, model.scan), "caption_features": caption_bnd}
+  return {"kv": decode.batch_major_cache(kv, model.scan), "caption_features": caption_bnd}
 
 
 def decode_step_fn(model: CoCa, params) -> decode.StepFn:
@@ -297,10 +240,10 @@ def decode_step_fn(model: CoCa, params) -> decode.StepFn:
   decoder = model.clone(decode=True)
 
   def step_fn(tokens_b, cache, position):
-    variables = {"params": params, "cache": _layer_major(cache["kv"], model.scan)}
+    variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
     logits_b1v, mutated = decoder.apply(variables, tokens_b[:, None], cache["caption_features"],
                                         position, method=CoCa.decode_step, mutable=["cache"])
-    new_cache = {"kv": _batch_major(mutated["cache"], model.scan),
+    new_cache = {"kv": decode.batch_major_cache(mutated["cache"], model.scan),
                  "caption_features": cache["caption_features"]}
     return logits_b1v[:, 0], new_cache
 
@@ -309,15 +252,30 @@ def decode_step_fn(model: CoCa, params) -> decode.StepFn:
 
 def generate(model: CoCa, params, images_bhwc: jax.Array, *, max_new_tokens: int, bos_id: int,
              eos_id: int, pad_id: int | None = None, beam_size: int = 1,
-             length_penalty: float = 0.0) -> jax.Array:
-  """Captions int32 [B, max_new_tokens] for normalised images, from a BOS prompt: greedy
-  (beam_size 1) or the best beam; pad_id after EOS."""
+             length_penalty: float = 0.0, prompt_bl: jax.Array | None = None,
+             prompt_len_b: jax.Array | None = None) -> jax.Array:
+  """Captions int32 [B, max_new_tokens] for normalised images: greedy (beam_size 1) or the best
+  beam; pad_id after EOS.
+
+  Decoding continues after a prompt: `prompt_bl`, int32 [B, P] starting with BOS, right-padded,
+  with per-example lengths `prompt_len_b` (default: all P); without one, after BOS alone. The
+  prompt is not part of the output. Needs P + max_new_tokens - 1 <= model.max_len.
+  """
   pad_id = model.pad_id if pad_id is None else pad_id
-  cache = init_decode(model, params, images_bhwc, decode.cache_length(1, max_new_tokens))
-  prompt_b1 = jnp.full((images_bhwc.shape[0], 1), bos_id, jnp.int32)
+  if prompt_bl is None:
+    if prompt_len_b is not None:
+      raise ValueError("prompt_len_b was given without prompt_bl")
+    prompt_bl = jnp.full((images_bhwc.shape[0], 1), bos_id, jnp.int32)
+  if prompt_bl.ndim != 2 or prompt_bl.shape[0] != images_bhwc.shape[0]:
+    raise ValueError(f"prompt_bl must be [batch, length] with the images' batch "
+                     f"{images_bhwc.shape[0]}, got shape {prompt_bl.shape}")
+  prompt_bl = jnp.asarray(prompt_bl, jnp.int32)
+  cache = init_decode(model, params, images_bhwc,
+                      decode.cache_length(prompt_bl.shape[1], max_new_tokens))
   step_fn = decode_step_fn(model, params)
-  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+            prompt_len_b=prompt_len_b)
   if beam_size == 1:
-    return decode.greedy(step_fn, cache, prompt_b1, **kw).tokens_bn
-  return decode.beam_search(step_fn, cache, prompt_b1, beam_size=beam_size,
+    return decode.greedy(step_fn, cache, prompt_bl, **kw).tokens_bn
+  return decode.beam_search(step_fn, cache, prompt_bl, beam_size=beam_size,
                             length_penalty=length_penalty, **kw).best().tokens_bn

@@ -12,9 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vljax.models.sizes import resolve_sizes
 from vljax.models.vit import VARIANTS
-from vljax.nn import (AttentionPool, Dense, LayerNorm, LearnedPosEmbed, TokenEmbed, Transformer, causal_mask,
-                      combine_masks, constrain, padding_mask, pool_tokens)
+from vljax.nn import (AttentionPool, BlockConfig, Dense, LayerNorm, LearnedPosEmbed, TokenEmbed,
+                      Transformer, causal_mask, combine_masks, constrain, padding_mask, pool_tokens)
 
 # Sizes come from the ViT table (big_vision's convention): CLIP's ViT-B text tower (512 wide,
 # 12 layers, 8 heads) is "M", its ViT-L/14 text tower "B", its ViT-H/14 text tower "L".
@@ -53,17 +54,14 @@ class TextTransformer(nn.Module):
   param_dtype: Any = jnp.float32
 
   def sizes(self) -> dict[str, int]:
-    sizes = {}
+    """The size fields, from the variant where not given explicitly."""
+    fields = ("width", "depth", "mlp_dim", "num_heads")
+    variant_sizes = {}
     if self.variant is not None:
       if self.variant not in TEXT_VARIANTS:
         raise ValueError(f"Unknown text variant {self.variant!r}; sizes are {sorted(TEXT_VARIANTS)}")
-      sizes = dict(zip(("width", "depth", "mlp_dim", "num_heads"), TEXT_VARIANTS[self.variant]))
-    for key in ("width", "depth", "mlp_dim", "num_heads"):
-      if getattr(self, key) is not None:
-        sizes[key] = getattr(self, key)
-      if key not in sizes:
-        raise ValueError(f"TextTransformer needs {key!r}: give variant= or {key}=")
-    return sizes
+      variant_sizes = dict(zip(fields, TEXT_VARIANTS[self.variant]))
+    return resolve_sizes("TextTransformer", variant_sizes, self, fields)
 
   @nn.compact
   def __call__(self, tokens_bt: jax.Array, train: bool = False):
@@ -78,10 +76,12 @@ class TextTransformer(nn.Module):
     if self.norm_position == "post":  # BERT normalises the embeddings before the first layer
       x = LayerNorm(self.norm_eps, name="embed_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    mask = combine_masks(padding_mask(valid_bt) if self.mask_padding else None, causal_mask(tokens_bt.shape[1]) if self.causal else None)
-    x = Transformer(s["depth"], s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
-                    norm_eps=self.norm_eps, norm_position=self.norm_position, scan=self.scan,
-                    remat=self.remat, name="encoder", **kw)(x, mask, deterministic=not train)
+    mask = combine_masks(padding_mask(valid_bt) if self.mask_padding else None,
+                         causal_mask(tokens_bt.shape[1]) if self.causal else None)
+    block = BlockConfig(s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
+                        norm_eps=self.norm_eps, norm_position=self.norm_position, **kw)
+    x = Transformer(s["depth"], block, scan=self.scan, remat=self.remat,
+                    name="encoder")(x, mask, deterministic=not train)
     aux = {"tokens": x}
     if self.pool == "eot":
       pooled = pool_tokens(x, "index", index_b=eot_index(tokens_bt, self.pad_id))

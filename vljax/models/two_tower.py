@@ -5,9 +5,10 @@
 - LiT: any of these with the image tower locked (see `vljax.train.optim` freezing).
 - SigLIP: sigmoid loss with learnable temperature and bias, initialised t' = log 10, b = -10.
 
-`__call__(images, tokens)` returns `((zimg, ztxt), aux)`: L2-normalised embeddings (either may be
-None when its input is None, so evaluators embed one side at a time) and aux with the
-pre-projection features, `t` (= exp t', the logit scale) and `b` (the bias, sigmoid only).
+`__call__(images, tokens)` returns a dict of named outputs (see `TwoTower.__call__`): the
+L2-normalised embeddings "zimg" / "ztxt" (None when that input is None, so evaluators embed one
+side at a time), the logit "scale" (and "bias" for the sigmoid loss) and the towers'
+intermediates under "img/..." and "txt/...".
 """
 from __future__ import annotations
 
@@ -22,10 +23,29 @@ from vljax.models.text import TextTransformer
 from vljax.models.vit import ViT
 from vljax.nn import partitioned
 
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+
 
 def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
   return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def check_contrastive(contrastive: str) -> None:
+  """Raises a ValueError unless `contrastive` names a contrastive loss."""
+  if contrastive not in CONTRASTIVE_LOSSES:
+    raise ValueError(f"Unknown contrastive loss {contrastive!r}; choose softmax or sigmoid")
+
+
+def default_temperature_init(contrastive: str) -> float:
+  """t' with logit scale exp(t'): log(1 / 0.07) for CLIP's softmax loss, log 10 for SigLIP's."""
+  return math.log(10.0) if contrastive == "sigmoid" else math.log(1 / 0.07)
+
+
+def logit_scale(t_prime: jax.Array, max_scale: float | None) -> jax.Array:
+  """exp(t'), clamped at `max_scale` (CLIP's 100) unless that is None."""
+  scale = jnp.exp(t_prime)
+  return scale if max_scale is None else jnp.minimum(scale, max_scale)
 
 
 class TwoTower(nn.Module):
@@ -34,43 +54,42 @@ class TwoTower(nn.Module):
   image: dict  # ViT fields (variant, patch_size, pool, ...)
   text: dict  # TextTransformer fields (vocab_size, variant, causal, pool, ...)
   embed_dim: int = 512
-  loss: str = "softmax"  # "softmax" (CLIP/ALIGN) | "sigmoid" (SigLIP)
-  temperature_init: float | None = None  # t' such that scale = exp(t'); default by loss
+  contrastive: str = "softmax"  # "softmax" (CLIP/ALIGN) | "sigmoid" (SigLIP: adds the bias "b")
+  temperature_init: float | None = None  # t' such that scale = exp(t'); default by contrastive
   bias_init: float = -10.0  # SigLIP's b
   max_scale: float | None = 100.0  # CLIP clamps exp(t') at 100; None for no clamp
   dtype: Any = jnp.float32
 
   def setup(self):
+    check_contrastive(self.contrastive)
     image = dict(self.image)
     text = dict(self.text)
     self.img = ViT(**{"out_dim": self.embed_dim, "dtype": self.dtype, **image}, name="img")
     self.txt = TextTransformer(**{"out_dim": self.embed_dim, "dtype": self.dtype, **text}, name="txt")
-    if self.loss not in ("softmax", "sigmoid"):
-      raise ValueError(f"Unknown two-tower loss {self.loss!r}; choose softmax or sigmoid")
     t_init = self.temperature_init
     if t_init is None:
-      t_init = math.log(10.0) if self.loss == "sigmoid" else math.log(1 / 0.07)
+      t_init = default_temperature_init(self.contrastive)
     self.t_prime = self.param("t", partitioned(nn.initializers.constant(t_init), ()), ())
-    if self.loss == "sigmoid":
+    if self.contrastive == "sigmoid":
       self.bias = self.param("b", partitioned(nn.initializers.constant(self.bias_init), ()), ())
 
-  def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None, train: bool = False):
-    aux: dict[str, jax.Array] = {}
-    zimg = ztxt = None
+  def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None,
+               train: bool = False) -> dict[str, jax.Array | None]:
+    """-> {"zimg": [B, D] or None, "ztxt": [B, D] or None, "scale": [] (exp t', clamped),
+    "bias": [] (sigmoid only), "img/pre_logits", "img/tokens" (with images),
+    "txt/pre_logits", "txt/tokens" (with tokens)}; the embeddings are float32, L2-normalised."""
+    out: dict[str, jax.Array | None] = {"zimg": None, "ztxt": None}
     if images_bhwc is not None:
-      out, img_aux = self.img(images_bhwc, train=train)
-      zimg = l2_normalize(out.astype(jnp.float32))
-      aux["img/pre_logits"] = img_aux["pre_logits"]
-      aux["img/tokens"] = img_aux["tokens"]
+      features, img_aux = self.img(images_bhwc, train=train)
+      out["zimg"] = l2_normalize(features.astype(jnp.float32))
+      out["img/pre_logits"] = img_aux["pre_logits"]
+      out["img/tokens"] = img_aux["tokens"]
     if tokens_bt is not None:
-      out, txt_aux = self.txt(tokens_bt, train=train)
-      ztxt = l2_normalize(out.astype(jnp.float32))
-      aux["txt/pre_logits"] = txt_aux["pre_logits"]
-      aux["txt/tokens"] = txt_aux["tokens"]
-    scale = jnp.exp(self.t_prime)
-    if self.max_scale is not None:
-      scale = jnp.minimum(scale, self.max_scale)
-    aux["t"] = scale
-    if self.loss == "sigmoid":
-      aux["b"] = self.bias
-    return (zimg, ztxt), aux
+      features, txt_aux = self.txt(tokens_bt, train=train)
+      out["ztxt"] = l2_normalize(features.astype(jnp.float32))
+      out["txt/pre_logits"] = txt_aux["pre_logits"]
+      out["txt/tokens"] = txt_aux["tokens"]
+    out["scale"] = logit_scale(self.t_prime, self.max_scale)
+    if self.contrastive == "sigmoid":
+      out["bias"] = self.bias
+    return out

@@ -12,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vljax.nn import (AttentionPool, ConvStem, Dense, LayerNorm, LearnedPosEmbed, PatchEmbed, Transformer,
-                      constrain, partitioned, pool_tokens, sincos_2d)
+from vljax.models.sizes import resolve_sizes
+from vljax.nn import (AttentionPool, BlockConfig, ConvStem, Dense, LayerNorm, LearnedPosEmbed,
+                      PatchEmbed, Transformer, constrain, partitioned, pool_tokens, sincos_2d)
 
 # name -> (width, depth, mlp_dim, num_heads). "mu" and "nano" are tiny presets for tests / CPU.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -70,13 +71,9 @@ class ViT(nn.Module):
   param_dtype: Any = jnp.float32
 
   def sizes(self) -> dict[str, int]:
-    sizes = decode_variant(self.variant)
-    for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-      if getattr(self, key) is not None:
-        sizes[key] = getattr(self, key)
-      if key not in sizes:
-        raise ValueError(f"ViT needs {key!r}: give variant= or {key}=")
-    return sizes
+    """The size fields, from the variant where not given explicitly."""
+    return resolve_sizes("ViT", decode_variant(self.variant), self,
+                         ("width", "depth", "mlp_dim", "num_heads", "patch_size"))
 
   @nn.compact
   def __call__(self, images_bhwc: jax.Array, train: bool = False):
@@ -106,9 +103,10 @@ class ViT(nn.Module):
     if self.pre_norm:
       x = LayerNorm(self.norm_eps, name="pre_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = Transformer(s["depth"], s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
-                    norm_eps=self.norm_eps, scan=self.scan, remat=self.remat, name="encoder",
-                    **kw)(x, deterministic=not train)
+    block = BlockConfig(s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
+                        norm_eps=self.norm_eps, **kw)
+    x = Transformer(s["depth"], block, scan=self.scan, remat=self.remat,
+                    name="encoder")(x, deterministic=not train)
     aux["tokens"] = x
     if self.pool == "map":
       pooled = AttentionPool(s["num_heads"], mlp_dim=s["mlp_dim"], norm_eps=self.norm_eps,

@@ -2,9 +2,9 @@
 
 Every experiment config is `base_config()` with changes; a key that the base does not have is a
 typo or a stale option, so `validate` rejects it (naming it, with the closest valid key), and
-checks each value's range, before anything is built or compiled. The keys of `data` and `evals`
-are those of DATA_DEFAULTS and EVAL_DEFAULTS; `model` is free-form and checked by
-`vljax.models.build_model`. `apply_overrides` sets any field from `path=value` strings, as
+checks each value's range, before anything is built or compiled. The keys of `data` are those of
+DATA_DEFAULTS; each entry of `evals` is checked against its evaluator type (`vljax.evals.base`);
+`model` is checked against the family's module (`vljax.families.base.model_config`). `apply_overrides` sets any field from `path=value` strings, as
 `experiments/main.py --config.path=value` does.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ from vljax.data.pipeline import DATA_DEFAULTS, SOURCES
 from vljax.errors import ConfigError
 from vljax.losses.contrastive import IMPLS
 from vljax.sharding import DEFAULT_RULES, batch_sharding
-from vljax.train.evaluation import EVAL_DEFAULTS
-from vljax.train.families import FAMILIES
+from vljax.families import FAMILIES
+from vljax.families.base import CONTRASTIVE_LOSSES
+from vljax.train.evaluation import check_evals
 
 REQUIRED_TOP_LEVEL = ("total_steps", "log_every", "eval_every", "checkpoint_every", "seed")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,7 +41,7 @@ INIT_DTYPES = ("float32", "bfloat16")
 def base_config() -> ml_collections.ConfigDict:
   """Defaults for every key the training loop reads."""
   c = ml_collections.ConfigDict()
-  c.family = "two_tower"  # which entry of vljax.train.families supplies loss and evaluators
+  c.family = "two_tower"  # vljax.families: the model (config.model holds its fields) and loss
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 128  # global, over all processes and devices
@@ -53,9 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
 
   c.model = ml_collections.ConfigDict()
-  # impl: "naive" | "chunked" | "ring" (vljax.losses.contrastive); CoCa weighs its two losses.
-  c.loss = ml_collections.ConfigDict(dict(impl="naive", chunk_size=0, contrastive_weight=1.0,
-                                          caption_weight=2.0))
+  # contrastive: "softmax" (CLIP) | "sigmoid" (SigLIP), for every family with a contrastive
+  # term; impl: "naive" | "chunked" | "ring" (vljax.losses.contrastive); CoCa weighs its losses.
+  c.loss = ml_collections.ConfigDict(dict(contrastive="softmax", impl="naive", chunk_size=0,
+                                          contrastive_weight=1.0, caption_weight=2.0))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
@@ -100,10 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _reference() -> dict[str, Any]:
-  """The schema as nested dicts: base_config() with data and evals holding their defaults. An
-  empty dict (model, evals.tfds_zeroshot) is open: any key may be added there."""
+  """The schema as nested dicts: base_config() with data holding its defaults. An empty dict
+  (model, evals) is open: any key may be added there, and its consumer checks it."""
   ref = base_config().to_dict()
-  ref["data"], ref["evals"] = dict(DATA_DEFAULTS), dict(EVAL_DEFAULTS)
+  ref["data"] = dict(DATA_DEFAULTS)
   return ref
 
 
@@ -196,6 +198,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   _need(config, "compute_dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16")
   _check_mesh_axes(config.mesh)
   _check_sharding_rules(config.sharding_rules)
+  _need(config, "loss.contrastive", lambda v: v in CONTRASTIVE_LOSSES,
+        f"one of {', '.join(CONTRASTIVE_LOSSES)}")
   _need(config, "loss.impl", lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}")
   _need(config, "loss.chunk_size", lambda v: _is_int(v) and v >= 0, "a non-negative int (0: default)")
 
@@ -306,6 +310,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if key not in config:
       raise ConfigError(f"config.{key} is required")
   _check_values(config)
+  check_evals(config.evals)
   return config
 
 

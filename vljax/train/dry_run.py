@@ -46,7 +46,7 @@ def abstract_inputs(exp: Experiment):
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        exp.abstract_state, exp.shardings)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(exp.mesh, exp.rules, len(v.shape)))
-           for k, v in exp.family.batch_spec(exp.data_cfg, exp.config.batch_size).items()}
+           for k, v in exp.batch_spec.items()}
   return state, batch
 
 
@@ -96,5 +96,5 @@ def dry_run(config, devices=None) -> dict[str, Any]:
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
            - memory.alias_size_in_bytes)
   report["memory/total_bytes_per_device"] = int(total)
-  log.info(format_report(report, config.model.get("name")))
+  log.info(format_report(report, config.family))
   return report

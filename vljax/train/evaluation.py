@@ -1,42 +1,21 @@
-"""Runs a family's evaluators during training: zero-shot + retrieval for families that embed
-images and texts, captioning for families that generate. Builds the jitted embedders and
-generator once; evaluation sets are rendered once."""
+"""Runs the configured evaluators (`config.evals`, see `vljax.evals.base`) during training.
+
+Builds each evaluator once (their evaluation sets are rendered once), checks at start-up that the
+family has every predict function they need, and gives them a `predict` that runs the family's
+jitted predict functions over host arrays in fixed-size batches (the last one padded, so each
+compiles once per batch size).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
-import ml_collections
 import numpy as np
 
-from vljax.data.pipeline import normalize_images
-from vljax.evals.captioning import CaptioningEvaluator
-from vljax.evals.contrastive import ImageTextEvaluator, batched
-from vljax.evals.tfds_zeroshot import TfdsZeroShotEvaluator, zeroshot_specs
+# Importing the evaluator modules registers their types.
+from vljax.evals import captioning, contrastive, generative, tfds_zeroshot
+from vljax.evals.base import EVALUATORS, Environment, build_evaluators, evaluator_settings
 from vljax.sharding import batch_sharding, replicated
-
-EVAL_DEFAULTS = dict(
-    zeroshot_images=960,  # single-object validation scenes, over all colour x shape classes
-    retrieval_pairs=1000,  # validation image-caption pairs
-    captioning_images=200,  # validation scenes captioned by generative families
-    batch_size=200,
-    sample_images=8,  # images in samples.png
-    # Zero-shot classification on TFDS datasets, for families that embed images and texts:
-    # {short name: spec}, e.g. {"cifar100": dict(split="test")}, reported as
-    # "zeroshot_<short name>/top1"; spec fields: vljax.evals.tfds_zeroshot.SPEC_DEFAULTS.
-    tfds_zeroshot={},
-)
-
-
-def eval_config(cfg) -> ml_collections.ConfigDict:
-  """EVAL_DEFAULTS updated by `cfg`; an unknown key (also in a tfds_zeroshot spec) raises."""
-  unknown = sorted(set(cfg) - set(EVAL_DEFAULTS))
-  if unknown:
-    raise ValueError(f"Unknown config key(s) {', '.join('config.evals.' + k for k in unknown)}; "
-                     f"valid keys: {', '.join(sorted(EVAL_DEFAULTS))}")
-  merged = ml_collections.ConfigDict({**EVAL_DEFAULTS, **dict(cfg)})
-  merged.tfds_zeroshot = zeroshot_specs(merged.tfds_zeroshot)
-  return merged
 
 
 def _put_global(x: np.ndarray, sharding) -> jax.Array:
@@ -44,76 +23,89 @@ def _put_global(x: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def _pad_rows(inputs: Mapping[str, np.ndarray], start: int, size: int) -> tuple[dict, int]:
+  chunk = {k: np.asarray(v)[start:start + size] for k, v in inputs.items()}
+  rows = len(next(iter(chunk.values())))
+  if rows < size:
+    chunk = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)])
+             for k, v in chunk.items()}
+  return chunk, rows
+
+
+def check_evals(evals: Mapping[str, Any]) -> None:
+  """Validates every entry of config.evals (types, keys) without building anything."""
+  for name, entry in dict(evals).items():
+    evaluator_settings(name, entry)
+
+
 class Evaluation:
   """The evaluators of one experiment (see `vljax.train.loop.Experiment`)."""
 
-  def __init__(self, exp: Any, cfg: ml_collections.ConfigDict):
-    self.exp, self.cfg = exp, cfg
-    family, data = exp.family, exp.data_cfg
-    self.image_text = self.captioning = None
-    self.tfds_zeroshot: list[TfdsZeroShotEvaluator] = []
-    if cfg.tfds_zeroshot and family.embed_images is None:
-      raise ValueError(f"config.evals.tfds_zeroshot needs a family that embeds images and texts; "
-                       f"{exp.config.family!r} does not")
-    if family.embed_images is not None:
-      self.image_text = ImageTextEvaluator(data, cfg, exp.tokenizer)
-      self.tfds_zeroshot = [TfdsZeroShotEvaluator(key, spec, data, exp.tokenizer, cfg.batch_size)
-                            for key, spec in cfg.tfds_zeroshot.items()]
-      self._embed_images = self._jit(lambda p, x: family.embed_images(exp.model, p, self._normalize(x)))
-      self._embed_texts = self._jit(lambda p, t: family.embed_texts(exp.model, p, t))
-    if family.generate is not None and cfg.captioning_images:
-      self.captioning = CaptioningEvaluator(data, cfg.captioning_images, cfg.batch_size, exp.tokenizer)
-      tok = exp.tokenizer
-      self._generate = self._jit(lambda p, x: family.generate(
-          exp.model, p, self._normalize(x), max_new_tokens=data.max_text_len - 1,
-          bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id))
+  def __init__(self, exp: Any, evals: Mapping[str, Any]):
+    self.exp = exp
+    env = Environment(exp.data_cfg, exp.tokenizer, exp.config.family, exp.family.views)
+    self.evaluators = build_evaluators(evals, env, set(exp.family.predict))
+    self._jitted: dict[tuple, Any] = {}
 
-  def _normalize(self, images):
-    return normalize_images(images, self.exp.data_cfg.image_mean, self.exp.data_cfg.image_std)
+  def _jit(self, name: str, options: tuple):
+    key = (name, options)
+    if key not in self._jitted:
+      bound = self.exp.bound
+      self._jitted[key] = jax.jit(lambda p, x: bound.predict(name, p, x, **dict(options)),
+                                  out_shardings=replicated(self.exp.mesh))
+    return self._jitted[key]
 
-  def _jit(self, fn):
+  def predictor(self, params, batch_size: int):
+    """predict(name, inputs, **options) over host arrays -> host arrays (or dicts of them)."""
     mesh, rules = self.exp.mesh, self.exp.rules
-    jitted = jax.jit(fn, out_shardings=replicated(mesh))
 
-    def run(params, x: np.ndarray) -> np.ndarray:
-      x = np.asarray(x)
-      out = jitted(params, _put_global(x, batch_sharding(mesh, rules, x.ndim)))
-      return np.asarray(out.addressable_data(0))  # replicated: every process holds all of it
-    return run
+    def predict(name: str, inputs: Mapping[str, np.ndarray], **options):
+      fn = self._jit(name, tuple(sorted(options.items())))
+      total = len(next(iter(inputs.values())))
+      outputs = []
+      for start in range(0, total, batch_size):
+        chunk, rows = _pad_rows(inputs, start, batch_size)
+        chunk = {k: _put_global(v, batch_sharding(mesh, rules, v.ndim)) for k, v in chunk.items()}
+        out = fn(params, chunk)  # replicated: every process holds all of it
+        outputs.append(jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[:rows], out))
+      return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+    return predict
 
-  def describe(self) -> str:
+  def due(self, step: int, eval_every: int, final: bool = False) -> list:
+    """The evaluators to run at `step` (all of them at the final step)."""
+    return [e for e in self.evaluators
+            if final or ((e.settings.every or eval_every) and step % (e.settings.every or eval_every) == 0)]
+
+  def describe(self, evaluators=None) -> str:
     """The evaluations `run` does, in words, for the log."""
-    parts = []
-    if self.image_text is not None:
-      parts.append(f"zero-shot on {self.cfg.zeroshot_images} images, retrieval over "
-                   f"{self.cfg.retrieval_pairs} pairs")
-    parts += [f"zero-shot on TFDS {e.key}" for e in self.tfds_zeroshot]
-    if self.captioning is not None:
-      parts.append(f"captioning {self.cfg.captioning_images} images")
-    return "; ".join(parts) or "nothing configured"
+    return "; ".join(e.describe() for e in (self.evaluators if evaluators is None else evaluators)
+                     ) or "nothing configured"
 
-  def run(self, params) -> dict[str, float]:
+  def run(self, params, evaluators=None) -> dict[str, float]:
     metrics = {}
-    if self.image_text is not None:
-      metrics.update(self.image_text.run(lambda x: self._embed_images(params, x),
-                                         lambda t: self._embed_texts(params, t)))
-    for evaluator in self.tfds_zeroshot:
-      metrics.update(evaluator.run(lambda x: self._embed_images(params, x),
-                                   lambda t: self._embed_texts(params, t)))
-    if self.captioning is not None:
-      metrics.update(self.captioning.run(lambda x: self._generate(params, x)))
+    for evaluator in self.evaluators if evaluators is None else evaluators:
+      metrics.update(evaluator.run(self.predictor(params, evaluator.settings.batch_size)))
     return metrics
 
-  def samples(self, params) -> tuple[np.ndarray, list[list[str]]]:
-    """Images and their lines for samples.png (generated caption first when there is one)."""
-    count = self.cfg.sample_images
-    if self.image_text is not None:
-      images, lines = self.image_text.sample_lines(lambda x: self._embed_images(params, x), count)
-    else:
-      images = self.captioning.images[:count]
-      lines = [[f"reference: {self.captioning.references[i][0]}"] for i in range(len(images))]
-    if self.captioning is not None:
-      tokens = batched(lambda x: self._generate(params, x), images, self.cfg.batch_size)
-      generated = self.exp.tokenizer.decode(tokens)
-      lines = [[f"generated: {g}"] + l for g, l in zip(generated, lines)]
+  def samples(self, params, count: int = 8) -> tuple[np.ndarray, list[list[str]]] | None:
+    """Images and their lines for samples.png: the first evaluator with images to show gives
+    them, every evaluator that can say something about them adds lines; None if none can."""
+    images = lines = None
+    for evaluator in self.evaluators:
+      predict = self.predictor(params, evaluator.settings.batch_size)
+      if images is None:
+        found = evaluator.sample(predict, count)
+        if found is not None:
+          images, lines = found[0], [list(l) for l in found[1]]
+          continue
+    if images is None:
+      return None
+    for evaluator in self.evaluators:
+      extra = evaluator.annotate(self.predictor(params, evaluator.settings.batch_size), images)
+      if extra is not None:
+        lines = [e + l for e, l in zip(extra, lines)]
     return images, lines
+
+
+__all__ = ["EVALUATORS", "Evaluation", "check_evals"]
+EVALUATOR_MODULES = (captioning, contrastive, generative, tfds_zeroshot)  # registered types

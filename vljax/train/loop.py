@@ -13,7 +13,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -21,39 +20,32 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vljax.data.batching import InputState
-from vljax.data.pipeline import (bad_record_counter, build_tokenizer, data_config, global_batch,
-                                 require_source, train_iterator)
+from vljax.data.pipeline import (bad_record_counter, build_tokenizer, check_batch, data_config,
+                                 global_batch, require_source, train_iterator, train_view)
+from vljax.errors import ConfigError
 from vljax.evals.pictures import plot_curves, plot_samples
-from vljax.models import build_model
+from vljax.families import Bound, Family, bind, get_family
 from vljax.sharding import make_mesh, replicated
 from vljax.train import optim
 from vljax.train.checkpoint import Checkpointer
 from vljax.train.config import check_mesh, init_entries, validate
 from vljax.train.initialise import load_init_params
-from vljax.train.families import Family, LossContext, get_family
-from vljax.train.evaluation import Evaluation, eval_config
+from vljax.train.evaluation import Evaluation
 from vljax.train.reporting import MetricWriter, Progress, read_jsonl
 from vljax.train.state import TrainState, init_state, state_shardings
 
 log = logging.getLogger("vljax")
 
 
-def _model_config(config: ml_collections.ConfigDict, family: Family, tokenizer, data_cfg) -> dict:
-  """config.model with vocabulary fields filled from the tokenizer and the compute dtype."""
-  model_cfg = family.fill_model(config.model.to_dict(), tokenizer, data_cfg)
-  model_cfg["dtype"] = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-  return model_cfg
-
-
-def make_train_step(family: Family, ctx: LossContext, tx: optax.GradientTransformation,
-                    lr_fn: optax.Schedule, frozen: Any, seed: int):
+def make_train_step(bound: Bound, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
+                    frozen: Any, seed: int):
   """The pure step `(state, batch) -> (state, metrics)`; randomness is folded from the step."""
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def loss_fn(params):
-      return family.loss_fn(ctx, optim.stop_frozen(params, frozen), batch, rng)
+      return bound.loss(optim.stop_frozen(params, frozen), batch, rng)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -74,7 +66,8 @@ class Experiment:
   data_cfg: ml_collections.ConfigDict
   family: Family
   tokenizer: Any
-  model: nn.Module
+  bound: Bound  # the family with its model: loss, predict functions, image preparation
+  batch_spec: dict  # shapes and dtypes of one global batch (the view's)
   mesh: Mesh
   rules: list
   tx: optax.GradientTransformation
@@ -111,23 +104,26 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
   config = validate(config)
   data_cfg = data_config(config.data)
   family = get_family(config.family)
+  if data_cfg.view not in family.views:
+    raise ConfigError(f"config.data.view={data_cfg.view!r}: family {family.name!r} trains on "
+                      f"{', '.join(repr(v) for v in family.views)}")
   tokenizer = tokenizer or build_tokenizer(data_cfg)
-  model = build_model(_model_config(config, family, tokenizer, data_cfg))
   mesh = make_mesh(config.mesh, devices)
   check_mesh(config, mesh)
   rules = [tuple(r) for r in config.sharding_rules]
+  bound = bind(family, config, tokenizer, data_cfg, mesh)
+  spec = train_view(data_cfg, tokenizer).spec(config.batch_size)
 
   def init_params(rng):
-    return model.init(rng, *family.init_inputs(data_cfg))["params"]
+    return bound.init(rng, spec)
 
   abstract_params = nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0)))
   tx, lr_fn, frozen = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
   with mesh_context(mesh, rules):
     abstract_state, shardings = state_shardings(init_params, tx, mesh, rules)
-  ctx = LossContext(model=model, config=config, data=data_cfg, mesh=mesh)
-  step = jax.jit(make_train_step(family, ctx, tx, lr_fn, frozen, config.seed),
+  step = jax.jit(make_train_step(bound, tx, lr_fn, frozen, config.seed),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-  return Experiment(config, data_cfg, family, tokenizer, model, mesh, rules, tx, frozen,
+  return Experiment(config, data_cfg, family, tokenizer, bound, spec, mesh, rules, tx, frozen,
                     abstract_state, shardings, init_params, step)
 
 
@@ -228,24 +224,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   require_source(data_config(config.data))
   exp = build_experiment(config)
   config, mesh = exp.config, exp.mesh
-  eval_cfg = eval_config(config.evals)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params))
   log.info("Mesh %s over %d devices (%s); model %s with %.2fM parameters", dict(mesh.shape),
-           mesh.size, jax.default_backend(), config.model.get("name"), num_params / 1e6)
+           mesh.size, jax.default_backend(), config.family, num_params / 1e6)
 
   writer = MetricWriter(workdir, enabled=is_main)
   watcher = StopWatcher()
   try:
     with exp.context():
-      return _train(exp, eval_cfg, workdir, writer, watcher, is_main)
+      return _train(exp, workdir, writer, watcher, is_main)
   finally:
     watcher.restore()
     writer.close()
 
 
-def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watcher: StopWatcher,
+def _train(exp: Experiment, workdir: str, writer: MetricWriter, watcher: StopWatcher,
            is_main: bool) -> dict[str, float]:
   config, mesh, rules = exp.config, exp.mesh, exp.rules
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)
@@ -256,13 +251,16 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
   inputs = InputState(data_it, bad_records)  # checkpointed with the model
   start, state = _restore_or_init(exp, checkpointer, inputs)
   log.info("Rendering the evaluation sets")
-  evaluation = Evaluation(exp, eval_cfg)
+  evaluation = Evaluation(exp, config.evals)
 
-  def evaluate(step: int) -> dict[str, float]:
-    log.info("Evaluating at step %d (%s)", step, evaluation.describe())
+  def evaluate(step: int, final: bool = False) -> dict[str, float]:
+    due = evaluation.due(step, config.eval_every, final)
+    if not due:
+      return {}
+    log.info("Evaluating at step %d (%s)", step, evaluation.describe(due))
     t0 = time.time()
     with watcher.interruptible():
-      metrics = evaluation.run(state.params)
+      metrics = evaluation.run(state.params, due)
     writer.write(step, {**metrics, "eval/seconds": time.time() - t0})
     return metrics
 
@@ -297,6 +295,8 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
       data_it.set_state(boundary)  # the partly read batch is read again on resume
       return stop(step, saved=saved_step == step)
     step += 1
+    if step == start + 1:
+      check_batch(local, exp.batch_spec, jax.process_count(), config.family)
     seen_bad = len(bad_records.distinct_bad_keys)
     batch = global_batch(bad_records.observe(local), mesh, rules)
     if len(bad_records.distinct_bad_keys) > seen_bad and seen_bad < 10:
@@ -324,7 +324,7 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
       saved_step = step
     if stopping:
       return stop(step, saved=True)
-    if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+    if step != config.total_steps:
       try:
         evaluate(step)
       except StopRequested:
@@ -332,18 +332,20 @@ def _train(exp: Experiment, eval_cfg, workdir: str, writer: MetricWriter, watche
   if saved_step < config.total_steps:
     checkpointer.save(config.total_steps, state, inputs)
   try:
-    final = evaluate(config.total_steps)
+    final = evaluate(config.total_steps, final=True)
     with watcher.interruptible():
-      images, lines = evaluation.samples(state.params)  # every process joins the computation
+      samples = evaluation.samples(state.params)  # every process joins the computation
   except StopRequested:
     return stop(config.total_steps, saved=True)
   checkpointer.close()
   if is_main:
-    plot_samples(images, lines, os.path.join(workdir, "samples.png"))
+    if samples is not None:
+      plot_samples(*samples, os.path.join(workdir, "samples.png"))
     writer.close()
     plot_curves(read_jsonl(writer.jsonl_path), os.path.join(workdir, "curves.png"))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({k: float(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
     log.info("Final evaluation: %s", json.dumps(final, sort_keys=True))
-    log.info("Wrote metrics.json, metrics.jsonl, samples.png and curves.png to %s", workdir)
+    log.info("Wrote metrics.json, metrics.jsonl, %scurves.png to %s",
+             "samples.png and " if samples is not None else "", workdir)
   return final

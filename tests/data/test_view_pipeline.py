@@ -1,0 +1,67 @@
+"""Sources x views through the training pipeline: every view's batches from the shapes world
+match the view's batch spec (which the model is initialised from), for every family and view,
+and their masks mark exactly the answer tokens."""
+import numpy as np
+import pytest
+
+from tests.train.helpers import tiny_config
+from vljax.data.batching import TooManyBadRecordsError
+from vljax.data.pipeline import (build_tokenizer, check_batch, data_config, make_source,
+                                 train_iterator, train_view)
+from vljax.data.views import VIEWS
+from vljax.families import FAMILIES
+from vljax.train.loop import build_experiment
+
+SMALL = dict(image_size=32, max_text_len=40, min_records_before_check=4)
+VIEW_SETTINGS = {"interleaved": dict(num_images=3), "video": dict(num_frames=3)}
+MAX_TEXT_LEN = {"chat": 96}  # LLaVA's system prompt alone is ~30 tokens
+
+
+def _data(view, **changes):
+  return data_config(dict(SMALL, view=view, view_settings=VIEW_SETTINGS.get(view, {}),
+                          text_bos=True, **{"max_text_len": MAX_TEXT_LEN.get(view, 40),
+                                            **changes}))
+
+
+@pytest.mark.parametrize("view", sorted(VIEWS))
+def test_every_view_batches_match_its_spec(view):
+  cfg = _data(view)
+  tokenizer = build_tokenizer(cfg)
+  batch = next(train_iterator(cfg, tokenizer, seed=0, global_batch_size=4))
+  check_batch(batch, train_view(cfg, tokenizer).spec(4), 1, f"({view} view)")
+  # The loss is on the answer and EOS: some tokens, never a pad, never the prompt's BOS.
+  assert batch["mask_loss"].any(axis=1).all()
+  assert not (batch["mask_loss"] & (batch["text"] == tokenizer.pad_id)).any()
+  assert not batch["mask_loss"][:, 0].any()
+
+
+@pytest.mark.parametrize("family,view", [(f, v) for f in sorted(FAMILIES)
+                                         for v in FAMILIES[f].views])
+def test_the_batch_spec_of_every_family_and_view_matches_the_pipeline(family, view):
+  config = tiny_config(family=family)
+  if family == "coca":
+    config.model = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+                        width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
+                        num_caption_queries=4)
+  config.data = dict(SMALL, view=view, text_bos=True)
+  config.evals = {}
+  exp = build_experiment(config)
+  batch = next(train_iterator(exp.data_cfg, exp.tokenizer, seed=0,
+                              global_batch_size=config.batch_size))
+  check_batch(batch, exp.batch_spec, 1, family)
+  assert set(exp.batch_spec) >= {"text", "mask_ar", "mask_loss"}
+
+
+def test_examples_whose_answers_do_not_fit_are_skipped_and_a_source_of_them_stops():
+  cfg = _data("chat", max_text_len=40)  # every answer comes after the system prompt's ~30 tokens
+  with pytest.raises(TooManyBadRecordsError, match=r"chat view: no scored token fits in "
+                                                   r"max_len=40 .*raise config\.data\.max_text_len"):
+    next(train_iterator(cfg, build_tokenizer(cfg), seed=0, global_batch_size=4))
+
+
+def test_the_shapes_source_follows_the_view():
+  assert "question" in make_source(_data("vqa"), "train")[0]
+  assert "question" not in make_source(_data("caption"), "train")[0]
+  episode = make_source(_data("interleaved"), "train")[0]
+  assert episode["images"].shape == (3, 32, 32, 3)  # num_images = shots + 1
+  assert make_source(_data("video"), "train")[0]["frames"].shape == (3, 32, 32, 3)
