@@ -6,7 +6,7 @@ array_record (TFDS's coco_captions builder needs TensorFlow to prepare, not to r
 
   tfds build coco_captions cifar100 --data_dir=/data/tfds --file_format=array_record
   python experiments/main.py --config=clip_b16_coco.py --workdir=gs://bucket/clip_b16_coco \
-      --config.data.tfds_data_dir=/data/tfds --config.data.tokenizer=/data/spm.model
+      --config.data.tfds.data_dir=/data/tfds --config.data.tokenizer=/data/spm.model
 
 config.data.tokenizer must name a sentencepiece model with clip_b16's 49,408-token vocabulary
 (the default, the shapes world tokenizer, knows no COCO words). Each COCO record has about five
@@ -22,14 +22,14 @@ from vljax.train.config import load_config
 
 def get_config():
   c = load_config("clip_b16.py")
-  c.data.update(dict(
-      source="tfds",
-      tfds_name="coco_captions/2014",  # Karpathy splits: train, val, test, restval
-      tfds_split="train+restval",  # ~113k images, the usual COCO retrieval training set
-      tfds_data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-      tfds_image_key="image",
-      tfds_caption_key="captions/text",
-  ))
+  c.data.source = "tfds"
+  c.data.tfds = dict(
+      name="coco_captions/2014",  # Karpathy splits: train, val, test, restval
+      split="train+restval",  # ~113k images, the usual COCO retrieval training set
+      data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      image_key="image",
+      caption_key="captions/text",
+  )
   c.evals = dict(
       # Retrieval on the Karpathy test split (one caption per image: record i takes caption
       # i % 5), read from TFDS like the training data (data_dir: config.data.tfds_data_dir).

@@ -20,7 +20,7 @@ def get_config():
       embed_dim=128,
   )
   c.loss.contrastive = "softmax"
-  c.data = dict(image_size=48, max_text_len=32, shape_siblings=1)
+  c.data = dict(image_size=48, max_text_len=32, shapes=dict(shape_siblings=1))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 1e-4

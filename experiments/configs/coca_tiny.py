@@ -25,7 +25,7 @@ def get_config():
       num_caption_queries=16,
   )
   # BOS starts every caption (the decoder's first input); 33 = BOS + the longest caption + EOS.
-  c.data = dict(image_size=48, max_text_len=33, text_bos=True, shape_siblings=1)
+  c.data = dict(image_size=48, max_text_len=33, text_bos=True, shapes=dict(shape_siblings=1))
   c.loss.contrastive_weight = 1.0
   c.loss.caption_weight = 2.0
   c.optim.lr = 1e-3

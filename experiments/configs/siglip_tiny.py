@@ -17,7 +17,7 @@ from vljax.train.config import load_config
 def get_config():
   c = load_config("clip_tiny.py")
   c.batch_size = 24  # 8 scenes, each with two shape-changed siblings
-  c.data.shape_siblings = 2
+  c.data.shapes.shape_siblings = 2
   c.total_steps = 2600
   c.eval_every = 1300
   c.loss.contrastive = "sigmoid"

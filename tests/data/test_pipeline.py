@@ -22,8 +22,9 @@ def _png() -> bytes:
   return buffer.getvalue()
 
 
-def _batches(count, **data):
-  cfg = data_config(dict(image_size=24, max_text_len=40, **data))
+def _batches(count, shape_siblings=0, **data):
+  cfg = data_config(dict(image_size=24, max_text_len=40, shapes=dict(shape_siblings=shape_siblings),
+                         **data))
   it = train_iterator(cfg, shapes_tokenizer(), seed=1, global_batch_size=8)
   return [next(it) for _ in range(count)]
 
@@ -69,14 +70,14 @@ def _deadline(seconds: int):
 UNUSABLE = {  # a shard with no usable record, its config changes, what the error must say
     "corrupt_jpegs": ([(f"{i}.jpg", b"\xff\xd8 not really a jpeg") for i in range(5)]
                       + [(f"{i}.txt", b"a caption") for i in range(5)], {},
-                      r"20 x cannot decode image .* — check the images in config\.data\.shards"),
+                      r"20 x cannot decode image .* — check the images in config\.data\.webdataset\.shards"),
     "captions_without_images": ([(f"{i}.txt", b"a caption") for i in range(5)], {},
-                                r"20 x no image member \(has: txt\) — check config\.data\.shards"),
+                                r"20 x no image member \(has: txt\) — check config\.data\.webdataset\.shards"),
     "wrong_caption_key": ([(f"{i}.png", _png()) for i in range(5)]
                           + [(f"{i}.txt", b"a caption") for i in range(5)],
                           dict(caption_keys=("caption",)),
                           r"20 x missing or empty caption \(looked in \.caption\) — check "
-                          r"config\.data\.caption_keys / json_caption_field / shards"),
+                          r"config\.data\.webdataset\.caption_keys / json_caption_field / shards"),
 }
 
 
@@ -88,8 +89,8 @@ def test_a_source_without_usable_records_stops_within_min_records(case, tmp_path
   read = WebDatasetSource.__getitem__
   monkeypatch.setattr(WebDatasetSource, "__getitem__",
                       lambda self, i: reads.append(i) or read(self, i))
-  cfg = data_config(dict(source="webdataset", shards=str(tmp_path / "shard.tar"), image_size=8,
-                         min_records_before_check=20, **changes))
+  cfg = data_config(dict(source="webdataset", image_size=8, min_records_before_check=20,
+                         webdataset=dict(shards=str(tmp_path / "shard.tar"), **changes)))
   with _deadline(60):
     it = train_iterator(cfg, shapes_tokenizer(), seed=0, global_batch_size=4)
     with pytest.raises(TooManyBadRecordsError,

@@ -82,8 +82,10 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  return data_config({**dict(source="tfds", tfds_name=NAME, tfds_data_dir=data_dir, image_size=16,
-                             max_text_len=16, tfds_label_key="label"), **kw})
+  tfds = dict(name=NAME, data_dir=data_dir, label_key="label")
+  tfds.update({k[len("tfds_"):]: v for k, v in kw.items() if k.startswith("tfds_")})
+  kw = {k: v for k, v in kw.items() if not k.startswith("tfds_")}
+  return data_config({**dict(source="tfds", tfds=tfds, image_size=16, max_text_len=16), **kw})
 
 
 def _key(index: int) -> str:
@@ -158,21 +160,21 @@ def test_validation_comes_from_the_shapes_world(data_dir):
 
 
 def test_config_errors_name_the_field(data_dir):
-  with pytest.raises(ValueError, match=r"config\.data\.tfds_caption_key='captions/txt' is not a "
+  with pytest.raises(ValueError, match=r"config\.data\.tfds\.caption_key='captions/txt' is not a "
                      r"feature.*captions/text, image, label, thumb"):
     make_source(_cfg(data_dir, tfds_caption_key="captions/txt"), "train")
-  with pytest.raises(ValueError, match=r"config\.data\.tfds_image_key='label' is a ClassLabel"):
+  with pytest.raises(ValueError, match=r"config\.data\.tfds\.image_key='label' is a ClassLabel"):
     make_source(_cfg(data_dir, tfds_image_key="label"), "train")
-  with pytest.raises(ValueError, match=r"config\.data\.tfds_label_key='captions/text' is a Text"):
+  with pytest.raises(ValueError, match=r"config\.data\.tfds\.label_key='captions/text' is a Text"):
     make_source(_cfg(data_dir, tfds_label_key="captions/text"), "train")
-  with pytest.raises(ValueError, match=r"config\.data\.tfds_caption_key='label' is a ClassLabel"):
+  with pytest.raises(ValueError, match=r"config\.data\.tfds\.caption_key='label' is a ClassLabel"):
     make_source(_cfg(data_dir, tfds_caption_key="label"), "train")
-  with pytest.raises(ValueError, match=r"config\.data\.tfds_name"):
+  with pytest.raises(ValueError, match=r"config\.data\.tfds\.name"):
     make_source(_cfg(data_dir, tfds_name=""), "train")
   with pytest.raises(ValueError, match=r"split 'validation'.*train"):
     make_source(_cfg(data_dir, tfds_split="validation"), "train")
   with pytest.raises(FileNotFoundError,
-                     match=r"config\.data\.tfds_name.*tfds build not_prepared --data_dir="):
+                     match=r"config\.data\.tfds \(name.*tfds build not_prepared --data_dir="):
     make_source(_cfg(data_dir, tfds_name="not_prepared"), "train")
   with pytest.raises(ValueError, match="'shapes', 'webdataset', 'tfds'"):
     make_source(_cfg(data_dir, source="tfrecords"), "train")

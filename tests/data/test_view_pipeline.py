@@ -1,11 +1,16 @@
 """Sources x views through the training pipeline: every view's batches from the shapes world
 match the view's batch spec (which the model is initialised from), for every family and view,
 and their masks mark exactly the answer tokens."""
+import io
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from tests.data.test_webdataset import write_tar
 from tests.train.helpers import tiny_config
-from vljax.data.batching import TooManyBadRecordsError
+from vljax.data.batching import SKIPPED_REASONS, TooManyBadRecordsError
 from vljax.data.pipeline import (build_tokenizer, check_batch, data_config, make_source,
                                  train_iterator, train_view)
 from vljax.data.views import VIEWS
@@ -65,3 +70,39 @@ def test_the_shapes_source_follows_the_view():
   episode = make_source(_data("interleaved"), "train")[0]
   assert episode["images"].shape == (3, 32, 32, 3)  # num_images = shots + 1
   assert make_source(_data("video"), "train")[0]["frames"].shape == (3, 32, 32, 3)
+
+
+def test_llava_conversations_from_webdataset_shards_train_through_the_chat_view(tmp_path):
+  """LLaVA-Instruct records (an image and a .json with "conversations") in a WebDataset shard:
+  the chat view scores exactly the assistant turns; a record without conversations is skipped."""
+  image = shapes_image()
+  turns = [{"from": "human", "value": "<image>\nwhat shape is in the picture?"},
+           {"from": "gpt", "value": "a red circle."},
+           {"from": "human", "value": "where is it?"},
+           {"from": "gpt", "value": "at the top left."}]
+  members = []
+  for i in range(4):
+    members += [(f"{i:03d}.png", image),
+                (f"{i:03d}.json", json.dumps({"id": str(i), "conversations": turns}).encode())]
+  members += [("999.png", image), ("999.json", json.dumps({"id": "999"}).encode())]
+  write_tar(tmp_path / "llava.tar", members)
+  cfg = _data("chat", source="webdataset", webdataset=dict(shards=str(tmp_path / "llava.tar")))
+  tokenizer = build_tokenizer(cfg)
+  it = train_iterator(cfg, tokenizer, seed=0, global_batch_size=4)
+  batch = next(it)
+  check_batch(batch, train_view(cfg, tokenizer).spec(4), 1, "(chat view)")
+  for text, mask in zip(batch["text"], batch["mask_loss"]):
+    scored = text[mask == 1]
+    assert (scored == tokenizer.eos_id).sum() == 2  # each reply ends with </s>
+    replies = tokenizer.decode([scored[scored != tokenizer.eos_id]])[0]
+    assert replies.split() == "a red circle. at the top left.".split()
+  skipped = [next(it) for _ in range(2)]  # the shuffled epoch holds the bad record once
+  reasons = {k: v for b in [batch] + skipped for k, v in dict(b[SKIPPED_REASONS]).items()}
+  assert reasons == {"missing or empty conversations (looked in .json)": 1}
+
+
+def shapes_image() -> bytes:
+  world = make_source(_data("caption"), "validation")
+  buffer = io.BytesIO()
+  Image.fromarray(world[0]["image"]).save(buffer, format="PNG")
+  return buffer.getvalue()

@@ -261,7 +261,7 @@ def test_empty_shards(shard_pattern, tmp_path, caplog, monkeypatch):
   write_tar(tmp_path / "empty-0.tar", [])
   (tmp_path / "empty-1.tar").write_bytes(b"")
   with pytest.raises(ValueError, match=r"WebDataset shards '.*empty-\{0\.\.1\}\.tar' hold no "
-                     r"records \(2 empty tar files\): check config\.data\.shards"):
+                     r"records \(2 empty tar files\): check config\.data\.webdataset\.shards"):
     WebDatasetSource(str(tmp_path / "empty-{0..1}.tar"))
   monkeypatch.setattr(logging.getLogger("vljax"), "propagate", True)  # training turns it off
   with caplog.at_level(logging.WARNING, logger="vljax"):

@@ -51,7 +51,7 @@ def data_dir(tmp_path_factory):
 
 
 def _evaluator(data_dir, key="zeroshot_colours", **spec):
-  data = data_config(dict(image_size=8, max_text_len=64, tfds_data_dir=data_dir))
+  data = data_config(dict(image_size=8, max_text_len=64, tfds=dict(data_dir=data_dir)))
   settings = evaluator_settings(key, {"type": "tfds_zeroshot", "name": "vljax_tiny_colours",
                                       "batch_size": 3, **spec})
   return TfdsZeroShot(key, settings, Environment(data, shapes_tokenizer()))
@@ -138,7 +138,7 @@ def test_settings_defaults_and_errors():
 def test_training_evaluation_reports_tfds_zeroshot(data_dir):
   """The hook in vljax.train.evaluation: a tiny model's metrics gain the TFDS entries."""
   config = tiny_config()
-  config.data = dict(image_size=16, max_text_len=16, tfds_data_dir=data_dir)
+  config.data = dict(image_size=16, max_text_len=16, tfds=dict(data_dir=data_dir))
   config.evals = dict(zeroshot=dict(type="zeroshot", images=16, batch_size=8),
                       retrieval=dict(type="retrieval", pairs=16, batch_size=8),
                       zeroshot_colours=dict(type="tfds_zeroshot", name="vljax_tiny_colours",

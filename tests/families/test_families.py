@@ -12,6 +12,7 @@ from vljax.data.tokenizer import shapes_tokenizer
 from vljax.errors import ConfigError
 from vljax.families import FAMILIES, PREDICT_FUNCTIONS, Family, get_family, model_config
 from vljax.losses.contrastive import sigmoid_loss, softmax_loss
+from vljax.train.evaluation import Evaluation
 from vljax.train.loop import build_experiment
 
 
@@ -129,3 +130,27 @@ def test_a_view_the_family_does_not_train_on_is_refused():
   config.data.view = "vqa"
   with pytest.raises(ConfigError, match=r"config\.data\.view='vqa': family 'two_tower' trains on 'caption'"):
     build_experiment(config)
+
+
+def test_an_evaluator_the_family_cannot_serve_stops_the_build_naming_it():
+  """Checked in build_experiment, before any parameter or evaluation set exists."""
+  config = tiny_config()
+  config.evals = dict(captioning=dict(type="captioning", images=8))
+  with pytest.raises(ConfigError, match=r"config\.evals\.captioning \(type 'captioning'\) needs "
+                                        r"predict function\(s\) generate, which family 'two_tower' "
+                                        r"does not have \(it has embed_images, embed_texts\)"):
+    build_experiment(config)
+  config = coca_config()
+  config.evals = dict(fewshot=dict(type="fewshot"))
+  with pytest.raises(ConfigError, match=r"config\.evals\.fewshot \(type 'fewshot'\) prompts with the "
+                                        r"'interleaved' view, which family 'coca' does not train on"):
+    build_experiment(config)
+
+
+def test_samples_come_from_evaluators_with_images_and_never_crash_without_one():
+  config = coca_config()
+  config.evals = dict(perplexity=dict(type="perplexity", examples=4, batch_size=4))
+  exp = build_experiment(config)
+  params = exp.init_params(jax.random.key(0))
+  with exp.context():
+    assert Evaluation(exp, config.evals).samples(params) is None  # nothing to show: no picture

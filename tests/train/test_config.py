@@ -79,13 +79,13 @@ def test_overrides_replace_lists_and_tuples_whole():
   c = apply_overrides(base_config(), [
       "mesh=[('data', 2), ('fsdp', 4), ('tensor', 1)]",
       "sharding_rules=[('batch', 'data'), ('embed', None)]",
-      "data.caption_keys=['caption']",
+      "data.webdataset.caption_keys=['caption']",
       "optim.lr_multipliers=(('t|b', 10.0),)",
       "optim.lr_multipliers=[('t|b', 5.0)]",  # later overrides win
   ])
   assert c.mesh == [("data", 2), ("fsdp", 4), ("tensor", 1)]
   assert [tuple(r) for r in c.sharding_rules] == [("batch", "data"), ("embed", None)]
-  assert tuple(c.data.caption_keys) == ("caption",)
+  assert tuple(c.data.webdataset.caption_keys) == ("caption",)
   assert c.optim.lr_multipliers == (("t|b", 5.0),)
   validate(c)
 
@@ -93,16 +93,17 @@ def test_overrides_replace_lists_and_tuples_whole():
 def test_overrides_add_keys_the_config_leaves_out():
   """clip_tiny sets few data keys, no model.image.variant and no TFDS evaluator: all can be set."""
   c = load_config("clip_tiny.py")
-  apply_overrides(c, ["data.source=webdataset", "data.shards=/data/{000..009}.tar",
+  apply_overrides(c, ["data.source=webdataset", "data.webdataset.shards=/data/{000..009}.tar",
                       "model.image.variant=mu/16", "model.max_scale=None",
                       "evals.zeroshot.batch_size=16",
                       "evals.zeroshot_cifar100={'type': 'tfds_zeroshot', 'name': 'cifar100'}",
                       "evals.zeroshot_cifar100.split=test[:100]"])
-  assert data_config(c.data).source == "webdataset" and c.data.shards == "/data/{000..009}.tar"
+  assert data_config(c.data).source == "webdataset"
+  assert c.data.webdataset.shards == "/data/{000..009}.tar"
   assert c.model.image.variant == "mu/16" and c.model.max_scale is None
   assert c.evals.zeroshot.batch_size == 16 and c.evals.zeroshot_cifar100.split == "test[:100]"
-  apply_overrides(c, ["data.shards=['/a/{0..3}.tar', '/b/{0..3}.tar']"])  # a list of patterns too
-  assert list(c.data.shards) == ["/a/{0..3}.tar", "/b/{0..3}.tar"]
+  apply_overrides(c, ["data.webdataset.shards=['/a/{0..3}.tar', '/b/{0..3}.tar']"])  # a list too
+  assert list(c.data.webdataset.shards) == ["/a/{0..3}.tar", "/b/{0..3}.tar"]
   validate(c)
   # Model keys are not known in advance: building the family's model names a wrong one.
   apply_overrides(c, ["model.image.varient=mu/16"])
@@ -125,7 +126,11 @@ def test_overrides_add_keys_the_config_leaves_out():
     ("total_steps=1.5", r"^config\.total_steps=1\.5 is a float, but the field is an int$"),
     ("data.image_size=big", r"config\.data\.image_size=big is a str, but the field is an int"),
     ("data.text_bos=1", r"config\.data\.text_bos=1 is an int, but the field is a bool"),
-    ("data.caption_keys=txt", r"config\.data\.caption_keys=txt is a str, but the field is a tuple"),
+    ("data.webdataset.caption_keys=txt",
+     r"config\.data\.webdataset\.caption_keys=txt is a str, but the field is a tuple"),
+    ("data.shards=x", r"^config\.data\.shards is now config\.data\.webdataset\.shards"),
+    ("data.tfds_name=coco", r"^config\.data\.tfds_name is now config\.data\.tfds\.name"),
+    ("data.tfds.nmae=coco", r"config\.data\.tfds\.nmae; did you mean config\.data\.tfds\.name\?"),
     ("mesh=8", r"config\.mesh=8 is an int, but the field is a list"),
     ("optim=3", r"config\.optim=3 is an int, but the field is a dict"),
     ("data.image_size.x=3", r"config\.data\.image_size is an int, not a dict"),

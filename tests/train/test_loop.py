@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.train.helpers import small_evals, tiny_config
+from vljax.train.config import load_config
 from vljax.train.checkpoint import Checkpointer, load_params
 from vljax.train.loop import build_experiment, train_and_evaluate
 
@@ -116,7 +117,7 @@ def test_coca_family_trains_evaluates_and_draws(tmp_path):
   config.model = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
                       width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
                       num_caption_queries=4)
-  config.data = dict(image_size=32, max_text_len=17, text_bos=True, shape_siblings=1)
+  config.data = dict(image_size=32, max_text_len=17, text_bos=True, shapes=dict(shape_siblings=1))
   config.evals = small_evals(retrieval=16, captioning=8, batch_size=8)
   workdir = str(tmp_path / "coca")
   final = train_and_evaluate(config, workdir)
@@ -128,4 +129,27 @@ def test_coca_family_trains_evaluates_and_draws(tmp_path):
     assert key in train[0]
   assert train[0]["train/loss"] == pytest.approx(
       train[0]["train/con_loss"] + 2 * train[0]["train/cap_loss"], rel=1e-5)
+  assert os.path.getsize(os.path.join(workdir, "samples.png")) > 10_000
+
+
+def test_coca_on_the_vqa_view_is_scored_with_vqa_accuracy_and_perplexity(tmp_path):
+  """Another view through the same loop: coca_vqa_tiny's data, loss and evaluators on a tiny
+  model; the captioning loss counts the answer tokens only, samples.png shows answers."""
+  config = load_config("coca_vqa_tiny.py")
+  config.total_steps, config.log_every, config.eval_every, config.batch_size = 2, 1, 0, 8
+  config.optim.warmup_steps = 1
+  config.model = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
+                      width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
+                      num_caption_queries=4)
+  config.data.image_size = 32
+  config.evals.vqa.update(questions=8, batch_size=8)
+  config.evals.perplexity.update(examples=8, batch_size=8)
+  workdir = str(tmp_path / "vqa")
+  final = train_and_evaluate(config, workdir)
+  assert 0.0 <= final["vqa/accuracy"] <= 1.0 and final["perplexity/perplexity"] > 1.0
+  assert any(key.startswith("vqa/accuracy/") for key in final)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  # One- or two-word answers and EOS: a few scored tokens per question, not the whole text.
+  tokens = [r["train/cap_tokens"] for r in records if "train/cap_tokens" in r]
+  assert tokens and all(8 * 2 <= t <= 8 * 4 for t in tokens)
   assert os.path.getsize(os.path.join(workdir, "samples.png")) > 10_000

@@ -137,7 +137,7 @@ def test_sigterm_stops_an_endless_run_of_bad_records_within_seconds(tmp_path):
         info = tarfile.TarInfo(name)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-  proc = _main(tmp_path, "--config.data.source=webdataset", f"--config.data.shards={shard}",
+  proc = _main(tmp_path, "--config.data.source=webdataset", f"--config.data.webdataset.shards={shard}",
                "--config.data.max_bad_fraction=1.0",
                f"--config.data.min_records_before_check={10**12}")
   _wait_for(proc, "Training steps")

@@ -56,7 +56,7 @@ def write_shards(directory, num_good: int = 22, bad: bool = True) -> tuple[str, 
 def webdataset_config(pattern, **changes):
   config = tiny_config(**{"total_steps": 8, "log_every": 4, "checkpoint_every": 4, **changes})
   config.data["source"] = "webdataset"
-  config.data["shards"] = pattern
+  config.data["webdataset"] = dict(shards=pattern)
   config.data["min_records_before_check"] = 10_000  # the planted fraction is far above 5%
   return config
 

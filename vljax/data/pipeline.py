@@ -27,72 +27,121 @@ from vljax.data.views import (VIEWS, InterleavedView, VideoView, View, build_vie
                               view_settings)
 from vljax.sharding import batch_sharding
 
+# Each source's own settings, under config.data.<source>.
+SOURCE_DEFAULTS = dict(
+    shapes=dict(
+        world_seed=0,
+        min_objects=1,
+        max_objects=3,
+        shape_siblings=0,  # k: each training scene comes with k shape-changed copies (negatives)
+        num_train_examples=100_000,
+        # for the interleaved view: solved examples of "vqa" or "caption" (the number of images
+        # follows the view's num_images; the video view's frames follow its num_frames)
+        episode_task="vqa",
+    ),
+    webdataset=dict(
+        shards="",  # brace pattern(s) of tar shards, e.g. "data/{00000..00127}.tar"
+        caption_keys=("txt", "json"),  # members holding the caption, first found wins
+        json_caption_field="caption",
+        # The other fields a view reads ("question", "answers", "conversations", "regions")
+        # come from the top level of each record's .json member (LLaVA's JSON, for chat).
+    ),
+    tfds=dict(
+        name="",  # dataset, optionally with config / version ("coco_captions/2014:1.1.0")
+        split="train",  # TFDS's syntax ("train+restval", "train[:90%]")
+        data_dir="",  # where it was prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+        image_key="image",  # the image feature ("/" descends into nested features)
+        caption_key="captions/text",  # a Text feature or a sequence of them (one is picked)
+        label_key="",  # optional ClassLabel feature, passed on as "label"
+        download=False,  # prepare it if data_dir lacks it (may need TensorFlow, network)
+    ),
+)
+
 DATA_DEFAULTS = dict(
-    # "shapes" (the embedded world) | "webdataset" (tar shards, see `shards`) | "tfds" (a TFDS
-    # dataset stored as array_record, see `tfds_name`); validation sets come from the shapes world.
+    # "shapes" (the embedded world) | "webdataset" (tar shards) | "tfds" (a TFDS dataset stored
+    # as array_record); each has its settings under config.data.<source>. Evaluators read their
+    # own sources (config.evals), by default the shapes world's validation split.
     source="shapes",
-    shards="",  # webdataset: brace pattern(s) of tar shards, e.g. "data/{00000..00127}.tar"
-    caption_keys=("txt", "json"),  # webdataset: members holding the caption, first found wins
-    json_caption_field="caption",
-    tfds_name="",  # tfds: dataset, optionally with config / version ("coco_captions/2014:1.1.0")
-    tfds_split="train",  # tfds: split, with TFDS's syntax ("train+restval", "train[:90%]")
-    tfds_data_dir="",  # tfds: where it was prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    tfds_image_key="image",  # tfds: the image feature ("/" descends into nested features)
-    tfds_caption_key="captions/text",  # tfds: a Text feature or a sequence of them (one is picked)
-    tfds_label_key="",  # tfds: optional ClassLabel feature, passed on as "label"
-    tfds_download=False,  # tfds: prepare it if data_dir lacks it (may need TensorFlow, network)
+    **SOURCE_DEFAULTS,
     max_bad_fraction=0.05,  # stop when more of the records read so far are undecodable / empty
     min_records_before_check=1000,  # ... but only after this many records
     # How a record becomes a training example (vljax.data.views): "caption", "vqa", "chat",
     # "interleaved", "video", "grounding"; view_settings go to the view (e.g. chat's template).
     view="caption",
     view_settings={},
-    # shapes source for the interleaved view: solved examples of "vqa" or "caption" (the number
-    # of images follows the view's num_images; the video view's frames its num_frames)
-    shapes_episode_task="vqa",
     image_size=64,
     max_text_len=32,
     text_bos=False,  # prepend BOS (BERT-style CLS pooling needs it)
     text_eos=True,
     tokenizer="",  # path of a sentencepiece model; "" = the shapes world tokenizer
-    world_seed=0,
-    min_objects=1,
-    max_objects=3,
-    shape_siblings=0,  # k: each training scene comes with k shape-changed copies (hard negatives)
-    num_train_examples=100_000,
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
     workers=0,  # grain worker processes (0: in the main process)
     prefetch=2,  # per-worker buffer size
 )
+# Keys that moved into a source's sub-dict: old config.data key -> new path under config.data.
+MOVED_DATA_KEYS = {
+    **{k: f"shapes.{k}" for k in ("world_seed", "min_objects", "max_objects", "shape_siblings",
+                                  "num_train_examples")},
+    "shapes_episode_task": "shapes.episode_task",
+    **{k: f"webdataset.{k}" for k in ("shards", "caption_keys", "json_caption_field")},
+    **{f"tfds_{k}": f"tfds.{k}" for k in SOURCE_DEFAULTS["tfds"]},
+}
 
 
-SOURCES = ("shapes", "webdataset", "tfds")
+SOURCES = tuple(SOURCE_DEFAULTS)
 
 # What to check when a kind of bad record is common, by source: the start of a reason -> advice
 # (see `vljax.data.batching.too_many_bad_message`).
 BAD_RECORD_ADVICE = {
     "webdataset": {
-        "missing or empty caption": "check config.data.caption_keys / json_caption_field / shards",
-        "no image member": "check config.data.shards (records without an image member)",
-        "cannot decode image": "check the images in config.data.shards (corrupt or not images)",
-        "unsupported image": "check the images in config.data.shards (unusual image modes)",
+        "missing or empty caption": ("check config.data.webdataset.caption_keys / "
+                                     "json_caption_field / shards"),
+        "missing or empty": ("check that the .json members of config.data.webdataset.shards "
+                             "hold the fields config.data.view reads"),
+        "no image member": "check config.data.webdataset.shards (records without an image member)",
+        "cannot decode image": ("check the images in config.data.webdataset.shards (corrupt or "
+                                "not images)"),
+        "unsupported image": ("check the images in config.data.webdataset.shards (unusual image "
+                              "modes)"),
     },
     "tfds": {
-        "missing or empty caption": "check config.data.tfds_caption_key",
-        "cannot": "check config.data.tfds_name / tfds_data_dir (a damaged or mismatched dataset?)",
-        "unsupported image": "check config.data.tfds_image_key",
+        "missing or empty caption": "check config.data.tfds.caption_key",
+        "cannot": "check config.data.tfds.name / data_dir (a damaged or mismatched dataset?)",
+        "unsupported image": "check config.data.tfds.image_key",
     },
 }
 
 
+def moved_key_message(key: str) -> str | None:
+  """The error for a config.data key that moved into a source's sub-dict, or None."""
+  if key in MOVED_DATA_KEYS:
+    return (f"config.data.{key} is now config.data.{MOVED_DATA_KEYS[key]} (each source has its "
+            "sub-dict)")
+  return None
+
+
 def data_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """DATA_DEFAULTS updated by `cfg`; an unknown key raises naming it."""
+  """DATA_DEFAULTS updated by `cfg`, the sources' sub-dicts key by key; an unknown key raises
+  naming it (and where a moved key went)."""
+  cfg = dict(cfg)
+  for key in cfg:
+    if moved_key_message(key):
+      raise ValueError(moved_key_message(key))
   unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
   if unknown:
     raise ValueError(f"Unknown config key(s) {', '.join('config.data.' + k for k in unknown)}; "
                      f"valid keys: {', '.join(sorted(DATA_DEFAULTS))}")
-  return ml_collections.ConfigDict({**DATA_DEFAULTS, **dict(cfg)})
+  merged = {**DATA_DEFAULTS, **cfg}
+  for source, defaults in SOURCE_DEFAULTS.items():
+    given = dict(cfg.get(source) or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+      raise ValueError(f"Unknown config key(s) "
+                       f"{', '.join(f'config.data.{source}.{k}' for k in unknown)}; valid keys: "
+                       f"{', '.join(sorted(defaults))}")
+    merged[source] = {**defaults, **given}
+  return ml_collections.ConfigDict(merged)
 
 
 def require_source(cfg: ml_collections.ConfigDict, config_name: str = "this config") -> None:
@@ -122,40 +171,46 @@ def encode_texts(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, texts) ->
 
 
 def tfds_source(cfg: ml_collections.ConfigDict) -> TfdsSource:
-  """The TFDS training source that `cfg.tfds_*` describe; errors name the config field."""
-  if not cfg.tfds_name:
-    raise ValueError("config.data.source='tfds' needs config.data.tfds_name (e.g. 'coco_captions')")
-  if not cfg.tfds_caption_key:
-    raise ValueError("config.data.source='tfds' needs config.data.tfds_caption_key (e.g. "
+  """The TFDS training source that `cfg.tfds` describes; errors name the config field."""
+  tfds = cfg.tfds
+  if not tfds.name:
+    raise ValueError("config.data.source='tfds' needs config.data.tfds.name (e.g. 'coco_captions')")
+  if not tfds.caption_key:
+    raise ValueError("config.data.source='tfds' needs config.data.tfds.caption_key (e.g. "
                      "'captions/text'): training pairs images with captions")
   return open_tfds_source(
-      lambda argument: f"config.data.tfds_{argument}",
-      "config.data.tfds_name / tfds_data_dir / tfds_download", cfg.tfds_name,
-      split=cfg.tfds_split, data_dir=cfg.tfds_data_dir or None, image_size=cfg.image_size,
-      image_key=cfg.tfds_image_key, caption_key=cfg.tfds_caption_key,
-      label_key=cfg.tfds_label_key or None, download=cfg.tfds_download)
+      lambda argument: f"config.data.tfds.{argument}",
+      "config.data.tfds (name / data_dir / download)", tfds.name,
+      split=tfds.split, data_dir=tfds.data_dir or None, image_size=cfg.image_size,
+      image_key=tfds.image_key, caption_key=tfds.caption_key,
+      label_key=tfds.label_key or None, download=tfds.download)
 
 
 def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
   """The random-access source of a split (validation sets come from the shapes world)."""
   if cfg.source == "webdataset" and split == "train":
-    if not cfg.shards:
-      raise ValueError("config.data.source='webdataset' needs config.data.shards (a brace pattern)")
-    return WebDatasetSource(cfg.shards, image_size=cfg.image_size, caption_keys=cfg.caption_keys,
-                            json_caption_field=cfg.json_caption_field)
+    wds = cfg.webdataset
+    if not wds.shards:
+      raise ValueError("config.data.source='webdataset' needs config.data.webdataset.shards (a "
+                       "brace pattern)")
+    return WebDatasetSource(wds.shards, image_size=cfg.image_size, caption_keys=wds.caption_keys,
+                            json_caption_field=wds.json_caption_field,
+                            fields=VIEWS[cfg.view].fields if cfg.view in VIEWS else ("image",
+                                                                                    "caption"))
   if cfg.source == "tfds" and split == "train":
     return tfds_source(cfg)
   if cfg.source not in SOURCES:
     raise ValueError(f"config.data.source={cfg.source!r} is not available; choose one of "
                      f"{', '.join(repr(s) for s in SOURCES)}")
-  kw = dict(split=split, seed=cfg.world_seed, image_size=cfg.image_size,
-            min_objects=cfg.min_objects, max_objects=cfg.max_objects)
+  shapes = cfg.shapes
+  kw = dict(split=split, seed=shapes.world_seed, image_size=cfg.image_size,
+            min_objects=shapes.min_objects, max_objects=shapes.max_objects)
   if split == "train":
-    kw["num_examples"] = cfg.num_train_examples
+    kw["num_examples"] = shapes.num_train_examples
   kw.update(overrides)
   if cfg.view == "interleaved":
     shots = dict(cfg.view_settings).get("num_images", InterleavedView.num_images) - 1
-    return ShapesEpisodes(shots=shots, task=cfg.shapes_episode_task, **kw)
+    return ShapesEpisodes(shots=shots, task=shapes.episode_task, **kw)
   if cfg.view == "video":
     frames = dict(cfg.view_settings).get("num_frames", VideoView.num_frames)
     kw["max_objects"] = min(kw["max_objects"], MAX_VIDEO_OBJECTS)
@@ -231,21 +286,22 @@ def train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(source).repeat().shuffle(seed=seed)
   ds = ds[process_index::process_count]
-  group = 1 + cfg.shape_siblings
-  if cfg.shape_siblings:
+  siblings = cfg.shapes.shape_siblings
+  group = 1 + siblings
+  if siblings:
     if not isinstance(source, ShapesWorld):
-      raise ValueError("config.data.shape_siblings needs the shapes world source")
-    if cfg.shape_siblings < 0 or local_batch % group:
-      raise ValueError(f"config.data.shape_siblings={cfg.shape_siblings} needs a per-process batch "
+      raise ValueError("config.data.shapes.shape_siblings needs the shapes world source")
+    if siblings < 0 or local_batch % group:
+      raise ValueError(f"config.data.shapes.shape_siblings={siblings} needs a per-process batch "
                        f"divisible by {group} (a scene and its siblings), got {local_batch}")
-    ds = ds.map(AddSiblings(source, cfg.shape_siblings))
+    ds = ds.map(AddSiblings(source, siblings))
   ds = ds.map(train_view(cfg, tokenizer))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   it_ds = SkipBadAndBatch(it_ds, local_batch // group, max_keys=local_batch,
                          max_bad_fraction=cfg.max_bad_fraction,
                          min_records=cfg.min_records_before_check,
                          advice=BAD_RECORD_ADVICE.get(cfg.source))
-  if cfg.shape_siblings:
+  if siblings:
     it_ds = it_ds.map(_merge_groups)
   if cfg.workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,

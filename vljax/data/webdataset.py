@@ -258,8 +258,17 @@ def to_rgb(image: Image.Image, image_size: int | None = None,
     return f"cannot decode image ({type(e).__name__}: {e})"
 
 
+# Record fields one WebDataset record can give besides "image" and "caption": they are read from
+# the top level of its .json member (e.g. LLaVA's {"conversations": [...]}).
+JSON_FIELDS = ("question", "answers", "question_type", "conversations", "system", "regions")
+
+
 class WebDatasetSource:
   """Records of WebDataset tar shards: index -> {"image", "caption", "key"} or {"error", "key"}.
+
+  `fields` are the record fields wanted (a view's `fields`): "image", "caption" (from
+  `caption_keys`) and any of JSON_FIELDS, read from the record's .json member; a record lacking
+  one is a bad record ("missing or empty <field>").
 
   Implements grain's RandomAccessDataSource protocol. Pickling drops the open files, which are
   reopened on first use, so the source can be sent to grain worker processes. Reads are
@@ -270,7 +279,13 @@ class WebDatasetSource:
 
   def __init__(self, shards: str | Sequence[str], *, image_size: int | None = None,
                caption_keys: Sequence[str] = ("txt", "json"), json_caption_field: str = "caption",
-               exif_transpose: bool = True):
+               exif_transpose: bool = True, fields: Sequence[str] = ("image", "caption")):
+    unusable = sorted(set(fields) - {"image", "caption", *JSON_FIELDS})
+    if unusable:
+      raise ValueError(f"WebDataset records give one image, a caption and the .json fields "
+                       f"{', '.join(JSON_FIELDS)}; not {', '.join(unusable)} (views of several "
+                       "images or frames read the shapes world)")
+    self.fields = tuple(fields)
     self.shards: tuple[str, ...] = tuple(expand_braces(shards))
     self.image_size = image_size
     if isinstance(caption_keys, str):  # one key, not its letters
@@ -280,7 +295,7 @@ class WebDatasetSource:
     self.exif_transpose = exif_transpose
     if image_size is not None and image_size < 1:
       raise ValueError(f"image_size must be positive, got {image_size}")
-    if not self.caption_keys:
+    if not self.caption_keys and "caption" in self.fields:
       raise ValueError("caption_keys is empty")
     # One row per record: (shard number, key, {extension: (offset, size)}).
     self._records: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
@@ -292,7 +307,7 @@ class WebDatasetSource:
         empty.append(path)
     if not self._records:
       raise ValueError(f"WebDataset shards {shards!r} hold no records ({len(empty)} empty tar "
-                       "files): check config.data.shards")
+                       "files): check config.data.webdataset.shards")
     repeated = sorted(path for path, n in collections.Counter(self.shards).items() if n > 1)
     if repeated:
       log.warning("WebDataset shards listed more than once (their records are read as often): %s",
@@ -350,13 +365,30 @@ class WebDatasetSource:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if image_ext is None:
       return {"error": f"no image member (has: {', '.join(sorted(members))})", "key": key}
-    wanted = [image_ext] + [e for e in self.caption_keys if e in members]
+    json_fields = [f for f in self.fields if f in JSON_FIELDS]
+    wanted = [image_ext] + [e for e in self.caption_keys if e in members and "caption" in self.fields]
+    if json_fields and "json" in members and "json" not in wanted:
+      wanted.append("json")
     data = {e: self._read(shard_id, *members[e]) for e in wanted}
-    caption = _caption(data, self.caption_keys, self.json_caption_field)
-    if caption is None:
-      looked = ", ".join(f".{e}" for e in self.caption_keys)
-      return {"error": f"missing or empty caption (looked in {looked})", "key": key}
+    record: dict[str, Any] = {"key": key}
+    if "caption" in self.fields:
+      caption = _caption(data, self.caption_keys, self.json_caption_field)
+      if caption is None:
+        looked = ", ".join(f".{e}" for e in self.caption_keys)
+        return {"error": f"missing or empty caption (looked in {looked})", "key": key}
+      record["caption"] = caption
+    if json_fields:
+      try:
+        value = json.loads(data["json"].decode("utf-8", errors="replace")) if "json" in data else {}
+      except ValueError:
+        value = {}
+      for field in json_fields:
+        if not isinstance(value, dict) or value.get(field) in (None, "", []):
+          if field in ("question_type", "system"):  # optional
+            continue
+          return {"error": f"missing or empty {field} (looked in .json)", "key": key}
+        record[field] = value[field]
     image = decode_rgb(data[image_ext], self.image_size, self.exif_transpose)
     if isinstance(image, str):
       return {"error": image, "key": key}
-    return {"image": image, "caption": caption, "key": key}
+    return {"image": image, **record}

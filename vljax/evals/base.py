@@ -109,22 +109,28 @@ def evaluator_settings(name: str, entry: Mapping[str, Any]) -> ml_collections.Co
   return settings
 
 
-def build_evaluators(evals: Mapping[str, Any], env: Environment,
-                     predict_functions: set[str] | frozenset[str]) -> list[Evaluator]:
-  """The configured evaluators, after checking that the family has every predict function and
-  view they need (the error names what is missing)."""
-  evaluators = []
+def check_family(evals: Mapping[str, Any], family_name: str,
+                 predict_functions: set[str] | frozenset[str],
+                 family_views: tuple[str, ...]) -> None:
+  """Raises ConfigError naming the first evaluator whose predict functions or view the family
+  lacks; cheap, so a run checks it before building anything."""
   for name, entry in dict(evals).items():
     settings = evaluator_settings(name, entry)
     cls = EVALUATORS[settings.type]
     missing = [n for n in cls.NEEDS if n not in predict_functions]
     if missing:
       raise ConfigError(f"config.evals.{name} (type {settings.type!r}) needs predict function(s) "
-                        f"{', '.join(missing)}, which family {env.family_name!r} does not have "
+                        f"{', '.join(missing)}, which family {family_name!r} does not have "
                         f"(it has {', '.join(sorted(predict_functions)) or 'none'})")
-    if cls.VIEW is not None and cls.VIEW not in env.family_views:
+    if cls.VIEW is not None and cls.VIEW not in family_views:
       raise ConfigError(f"config.evals.{name} (type {settings.type!r}) prompts with the "
-                        f"{cls.VIEW!r} view, which family {env.family_name!r} does not train on "
-                        f"(its views: {', '.join(env.family_views)})")
-    evaluators.append(cls(name, settings, env))
-  return evaluators
+                        f"{cls.VIEW!r} view, which family {family_name!r} does not train on "
+                        f"(its views: {', '.join(family_views)})")
+
+
+def build_evaluators(evals: Mapping[str, Any], env: Environment,
+                     predict_functions: set[str] | frozenset[str]) -> list[Evaluator]:
+  """The configured evaluators, after `check_family` (the error names what is missing)."""
+  check_family(evals, env.family_name, predict_functions, env.family_views)
+  return [EVALUATORS[settings.type](name, settings, env)
+          for name, settings in ((n, evaluator_settings(n, e)) for n, e in dict(evals).items())]

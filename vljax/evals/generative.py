@@ -290,9 +290,9 @@ class Perplexity(Evaluator):
     if view not in SHAPES_ONLY_VIEWS:
       return open_source(self.settings.source, self.where, data, count)
     spec = _shapes_spec(self, f"records of the {view!r} view")
-    kw = dict(split="validation", seed=data.world_seed, image_size=data.image_size,
-              num_examples=count, min_objects=spec.min_objects or data.min_objects,
-              max_objects=spec.max_objects or data.max_objects)
+    kw = dict(split="validation", seed=data.shapes.world_seed, image_size=data.image_size,
+              num_examples=count, min_objects=spec.min_objects or data.shapes.min_objects,
+              max_objects=spec.max_objects or data.shapes.max_objects)
     if view == "interleaved":
       return ShapesEpisodes(shots=self.view.num_images - 1, task="caption", **kw)
     kw["max_objects"] = min(kw["max_objects"], MAX_VIDEO_OBJECTS)
@@ -343,10 +343,10 @@ class FewShot(Evaluator):
                         "(config.data.view_settings)")
     data = env.data
     episodes = ShapesEpisodes(
-        split="validation", seed=data.world_seed, shots=settings.shots, task=settings.task,
+        split="validation", seed=data.shapes.world_seed, shots=settings.shots, task=settings.task,
         image_size=data.image_size, num_examples=settings.episodes,
-        min_objects=spec.min_objects or data.min_objects,
-        max_objects=spec.max_objects or data.max_objects)
+        min_objects=spec.min_objects or data.shapes.min_objects,
+        max_objects=spec.max_objects or data.shapes.max_objects)
     self.records = [episodes[i] for i in range(settings.episodes)]
     # The query's 10 answers; for captions, every caption of the scene once (they are cycled).
     self.references = [self.view.references(r) for r in self.records]

@@ -13,7 +13,7 @@ from vljax.errors import ConfigError
 
 SOURCE_DEFAULTS = {
     "shapes": dict(kind="shapes", min_objects=0, max_objects=0),  # 0: the training data's
-    # data_dir "" = config.data.tfds_data_dir (and TFDS's default where that is "")
+    # data_dir "" = config.data.tfds.data_dir (and TFDS's default where that is "")
     "tfds": dict(kind="tfds", name="", split="validation", data_dir="", image_key="image",
                  caption_key="captions/text", label_key=""),
     "webdataset": dict(kind="webdataset", shards="", caption_keys=("txt", "json"),
@@ -38,9 +38,9 @@ def open_source(source: Any, where: str, data: ml_collections.ConfigDict, count:
   """The random-access source an evaluator reads its first `count` records from."""
   spec = source_settings(source, where)
   if spec.kind == "shapes":
-    kw = dict(split="validation", seed=data.world_seed, image_size=data.image_size,
-              min_objects=spec.min_objects or data.min_objects,
-              max_objects=spec.max_objects or data.max_objects, num_examples=max(count, 1),
+    kw = dict(split="validation", seed=data.shapes.world_seed, image_size=data.image_size,
+              min_objects=spec.min_objects or data.shapes.min_objects,
+              max_objects=spec.max_objects or data.shapes.max_objects, num_examples=max(count, 1),
               annotations=True)
     kw.update(shapes_kw)
     return ShapesWorld(**kw)
@@ -49,7 +49,8 @@ def open_source(source: Any, where: str, data: ml_collections.ConfigDict, count:
       raise ConfigError(f"{where}.source.name: give the TFDS dataset (e.g. 'coco_captions')")
     return open_tfds_source(lambda argument: f"{where}.source.{argument}",
                             f"{where}.source (name / data_dir)", spec.name, split=spec.split,
-                            data_dir=spec.data_dir or data.tfds_data_dir or None, image_size=data.image_size,
+                            data_dir=spec.data_dir or data.tfds.data_dir or None,
+                            image_size=data.image_size,
                             image_key=spec.image_key, caption_key=spec.caption_key or None,
                             label_key=spec.label_key or None)
   if not spec.shards:

@@ -40,7 +40,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 SPEC_DEFAULTS = dict(
     name="",  # TFDS dataset, optionally with config / version
     split="test",  # TFDS split syntax ("validation", "test[:1000]")
-    data_dir="",  # "" = config.data.tfds_data_dir (and TFDS's default where that is "")
+    data_dir="",  # "" = config.data.tfds.data_dir (and TFDS's default where that is "")
     image_key="image",
     label_key="label",  # a ClassLabel feature
     # () = the label feature's names, "_" -> " " (refused when they are bare numbers or WordNet
@@ -88,7 +88,7 @@ class TfdsZeroShot(Evaluator):
     name = settings.name
     self.source = open_tfds_source(
         lambda argument: f"{where}.{argument}", f"{where} (name / data_dir)", name,
-        split=self.spec.split, data_dir=self.spec.data_dir or data_cfg.tfds_data_dir or None,
+        split=self.spec.split, data_dir=self.spec.data_dir or data_cfg.tfds.data_dir or None,
         image_size=data_cfg.image_size, image_key=self.spec.image_key, caption_key=None,
         label_key=self.spec.label_key)
     if self.spec.class_names:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import jax
 import ml_collections
 
-from vljax.data.pipeline import DATA_DEFAULTS, SOURCES
+from vljax.data.pipeline import DATA_DEFAULTS, SOURCES, moved_key_message
 from vljax.errors import ConfigError
 from vljax.losses.contrastive import IMPLS
 from vljax.sharding import DEFAULT_RULES, batch_sharding
@@ -32,7 +32,7 @@ REQUIRED_TOP_LEVEL = ("total_steps", "log_every", "eval_every", "checkpoint_ever
 MESH_AXES = ("data", "fsdp", "tensor")
 SCHEDULES = ("cosine", "linear", "constant")  # vljax.train.optim.schedule
 # Fields that take values of several types (type checks of overrides accept any of them).
-MULTI_TYPE_FIELDS = {"config.data.shards": (str, list, tuple),  # one brace pattern or a list
+MULTI_TYPE_FIELDS = {"config.data.webdataset.shards": (str, list, tuple),  # one brace pattern or a list
                      "config.init": (list, tuple, dict)}  # entries, or the old single dict
 INIT_KEYS = ("checkpoint", "params", "to", "dtype")  # of each config.init entry
 INIT_DTYPES = ("float32", "bfloat16")
@@ -114,6 +114,8 @@ def _is_dict(value: Any) -> bool:
 
 
 def _unknown_key(prefix: str, key: str, valid: Iterable[str]) -> ConfigError:
+  if prefix == "config.data" and moved_key_message(str(key)):
+    return ConfigError(moved_key_message(str(key)))
   valid = sorted(str(k) for k in valid)
   close = difflib.get_close_matches(str(key), valid, n=1)
   hint = f"; did you mean {prefix}.{close[0]}?" if close else f"; valid keys: {', '.join(valid)}"

@@ -73,8 +73,10 @@ class Evaluation:
 
   def due(self, step: int, eval_every: int, final: bool = False) -> list:
     """The evaluators to run at `step` (all of them at the final step)."""
-    return [e for e in self.evaluators
-            if final or ((e.settings.every or eval_every) and step % (e.settings.every or eval_every) == 0)]
+    def is_due(evaluator) -> bool:
+      every = evaluator.settings.every or eval_every
+      return final or bool(every and step % every == 0)
+    return [e for e in self.evaluators if is_due(e)]
 
   def describe(self, evaluators=None) -> str:
     """The evaluations `run` does, in words, for the log."""

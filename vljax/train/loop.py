@@ -23,6 +23,7 @@ from vljax.data.batching import InputState
 from vljax.data.pipeline import (bad_record_counter, build_tokenizer, check_batch, data_config,
                                  global_batch, require_source, train_iterator, train_view)
 from vljax.errors import ConfigError
+from vljax.evals.base import check_family
 from vljax.evals.pictures import plot_curves, plot_samples
 from vljax.families import Bound, Family, bind, get_family
 from vljax.sharding import make_mesh, replicated
@@ -107,6 +108,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
   if data_cfg.view not in family.views:
     raise ConfigError(f"config.data.view={data_cfg.view!r}: family {family.name!r} trains on "
                       f"{', '.join(repr(v) for v in family.views)}")
+  check_family(config.evals, family.name, set(family.predict), family.views)
   tokenizer = tokenizer or build_tokenizer(data_cfg)
   mesh = make_mesh(config.mesh, devices)
   check_mesh(config, mesh)
