@@ -8,7 +8,7 @@ from vljax.data import captions
 from vljax.evals.base import Evaluator, Predict, register
 from vljax.evals.caption_metrics import caption_scores, tokenize_caption
 from vljax.evals.generative import generate, make_view
-from vljax.evals.sources import open_source, read_records
+from vljax.evals.sources import image_caption_records
 from vljax.losses.captioning import decoder_input_length
 
 
@@ -23,8 +23,7 @@ class Captioning(Evaluator):
 
   def __init__(self, name, settings, env):
     super().__init__(name, settings, env)
-    source = open_source(settings.source, self.where, env.data, settings.images)
-    records = read_records(source, settings.images, self.where, needs=("image", "caption"))
+    source, records = image_caption_records(self, settings.images)
     self.images = np.stack([r["image"] for r in records])
     if hasattr(source, "scene"):
       refs = [captions.captions(source.scene(i)) for i in range(settings.images)]

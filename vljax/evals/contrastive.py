@@ -10,7 +10,7 @@ from vljax.data import captions
 from vljax.data.pipeline import encode_texts
 from vljax.evals.base import Evaluator, Predict, register
 from vljax.evals.retrieval import retrieval_metrics
-from vljax.evals.sources import open_source, read_records
+from vljax.evals.sources import image_caption_records, open_source
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
 
@@ -89,8 +89,7 @@ class Retrieval(_Embedding):
 
   def __init__(self, name, settings, env):
     super().__init__(name, settings, env)
-    source = open_source(settings.source, self.where, env.data, settings.pairs)
-    records = read_records(source, settings.pairs, self.where, needs=("image", "caption"))
+    _, records = image_caption_records(self, settings.pairs)
     self.images = np.stack([r["image"] for r in records])
     self.captions = [r["caption"] for r in records]
 

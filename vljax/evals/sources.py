@@ -59,6 +59,12 @@ def open_source(source: Any, where: str, data: ml_collections.ConfigDict, count:
                           json_caption_field=spec.json_caption_field)
 
 
+def image_caption_records(evaluator, count: int) -> tuple[Any, list[dict]]:
+  """(source, its first `count` usable records with an image and a caption) of an evaluator."""
+  source = open_source(evaluator.settings.source, evaluator.where, evaluator.env.data, count)
+  return source, read_records(source, count, evaluator.where, needs=("image", "caption"))
+
+
 def read_records(source, count: int, where: str, needs: tuple[str, ...] = ()) -> list[dict]:
   """The first `count` usable records of `source` (bad ones, or ones lacking a field in `needs`,
   skipped); raises naming the evaluator when fewer exist."""

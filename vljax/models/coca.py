@@ -35,8 +35,8 @@ import jax.numpy as jnp
 
 from vljax import decode
 from vljax.models.sizes import resolve_sizes
-from vljax.models.two_tower import (check_contrastive, default_temperature_init, l2_normalize,
-                                    logit_scale)
+from vljax.models.two_tower import (check_contrastive, contrastive_outputs,
+                                    contrastive_parameters, l2_normalize)
 from vljax.models.vit import ViT
 from vljax.nn import (AttentionPool, BlockConfig, Dense, LayerNorm, LearnedPosEmbed, TokenEmbed,
                       Transformer, causal_mask, constrain, padding_mask, partitioned)
@@ -132,12 +132,7 @@ class CoCa(nn.Module):
     if self.embed_dim is not None:
       self.img_proj = Dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype)
       self.txt_proj = Dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype)
-    t_init = self.temperature_init
-    if t_init is None:
-      t_init = default_temperature_init(self.contrastive)
-    self.t_prime = self.param("t", partitioned(nn.initializers.constant(t_init), ()), ())
-    if self.contrastive == "sigmoid":
-      self.bias = self.param("b", partitioned(nn.initializers.constant(self.bias_init), ()), ())
+    self.t_prime, self.bias = contrastive_parameters(self)
 
   def encode_image(self, images_bhwc: jax.Array, train: bool = False):
     """-> (contrastive features [B, W], captioning features [B, N, W], ViT tokens [B, P, W_img])."""
@@ -207,10 +202,7 @@ class CoCa(nn.Module):
     if images_bhwc is not None and tokens_bt is not None:
       out["logits"] = self.caption_logits(text_btd, caption_bnd,
                                           causal_mask(tokens_bt.shape[1]), train)
-    out["scale"] = logit_scale(self.t_prime, self.max_scale)
-    if self.contrastive == "sigmoid":
-      out["bias"] = self.bias
-    return out
+    return {**out, **contrastive_outputs(self.t_prime, self.bias, self.max_scale)}
 
 
 def init_decode(model: CoCa, params, images_bhwc: jax.Array, max_len: int) -> dict:

@@ -48,6 +48,28 @@ def logit_scale(t_prime: jax.Array, max_scale: float | None) -> jax.Array:
   return scale if max_scale is None else jnp.minimum(scale, max_scale)
 
 
+def contrastive_parameters(module: nn.Module) -> tuple[jax.Array, jax.Array | None]:
+  """Creates, in a module's `setup`, the learned t' (parameter "t") and for the sigmoid loss the
+  bias b ("b") from its `contrastive`, `temperature_init` and `bias_init` fields; (t', b or None)."""
+  check_contrastive(module.contrastive)
+  t_init = module.temperature_init
+  if t_init is None:
+    t_init = default_temperature_init(module.contrastive)
+  t_prime = module.param("t", partitioned(nn.initializers.constant(t_init), ()), ())
+  if module.contrastive != "sigmoid":
+    return t_prime, None
+  return t_prime, module.param("b", partitioned(nn.initializers.constant(module.bias_init), ()), ())
+
+
+def contrastive_outputs(t_prime: jax.Array, bias: jax.Array | None,
+                        max_scale: float | None) -> dict[str, jax.Array]:
+  """{"scale": exp(t') clamped at max_scale} and, for the sigmoid loss, {"bias": b}."""
+  out = {"scale": logit_scale(t_prime, max_scale)}
+  if bias is not None:
+    out["bias"] = bias
+  return out
+
+
 class TwoTower(nn.Module):
   """An image tower and a text tower projected into one embedding space."""
 
@@ -66,12 +88,7 @@ class TwoTower(nn.Module):
     text = dict(self.text)
     self.img = ViT(**{"out_dim": self.embed_dim, "dtype": self.dtype, **image}, name="img")
     self.txt = TextTransformer(**{"out_dim": self.embed_dim, "dtype": self.dtype, **text}, name="txt")
-    t_init = self.temperature_init
-    if t_init is None:
-      t_init = default_temperature_init(self.contrastive)
-    self.t_prime = self.param("t", partitioned(nn.initializers.constant(t_init), ()), ())
-    if self.contrastive == "sigmoid":
-      self.bias = self.param("b", partitioned(nn.initializers.constant(self.bias_init), ()), ())
+    self.t_prime, self.bias = contrastive_parameters(self)
 
   def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None,
                train: bool = False) -> dict[str, jax.Array | None]:
@@ -89,7 +106,4 @@ class TwoTower(nn.Module):
       out["ztxt"] = l2_normalize(features.astype(jnp.float32))
       out["txt/pre_logits"] = txt_aux["pre_logits"]
       out["txt/tokens"] = txt_aux["tokens"]
-    out["scale"] = logit_scale(self.t_prime, self.max_scale)
-    if self.contrastive == "sigmoid":
-      out["bias"] = self.bias
-    return out
+    return {**out, **contrastive_outputs(self.t_prime, self.bias, self.max_scale)}
