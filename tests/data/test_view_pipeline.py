@@ -4,7 +4,6 @@ and their masks mark exactly the answer tokens."""
 import io
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 

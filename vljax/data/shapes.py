@@ -262,6 +262,14 @@ def render_scene(scene: Scene, image_size: int) -> np.ndarray:
   return np.asarray(canvas.reduce(SUPERSAMPLE))
 
 
+def check_index(index: SupportsIndex, length: int, what: str) -> int:
+  """`index` as an int, raising IndexError naming `what` when it is outside [0, length)."""
+  index = operator.index(index)
+  if not 0 <= index < length:
+    raise IndexError(f"Index {index} is out of range for {what} of {length} examples.")
+  return index
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapesWorld:
   """A split of the shapes world as a random-access source: index -> example dict.
@@ -310,12 +318,7 @@ class ShapesWorld:
     return self.num_examples
 
   def _check_index(self, index: SupportsIndex) -> int:
-    """Returns `index` as an int, raising IndexError when it is outside [0, len)."""
-    index = operator.index(index)
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f"Index {index} is out of range for the {self.split!r} shapes world "
-                       f"of {self.num_examples} examples.")
-    return index
+    return check_index(index, self.num_examples, f"the {self.split!r} shapes world")
 
   def scene(self, index: SupportsIndex) -> Scene:
     """The scene at `index`, a pure function of (seed, split, index)."""

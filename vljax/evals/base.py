@@ -13,6 +13,7 @@ over a dict of host arrays in fixed-size batches (see `vljax.train.evaluation`).
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -44,7 +45,7 @@ class Environment:
   family_views: tuple[str, ...] = ()
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """Base of the evaluator types; see the module docstring."""
 
   SETTINGS: ClassVar[dict[str, Any]] = {}
@@ -65,8 +66,9 @@ class Evaluator:
   def describe(self) -> str:
     return self.name
 
+  @abc.abstractmethod
   def run(self, predict: Predict) -> dict[str, float]:
-    raise NotImplementedError
+    """The metrics, every key starting with this entry's name."""
 
   def sample(self, predict: Predict, count: int) -> tuple[np.ndarray, list[list[str]]] | None:
     """Images and lines for samples.png, or None when this evaluator has no images to show."""

@@ -2,8 +2,6 @@
 text embedder (types "zeroshot" and "retrieval" of `config.evals`)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from vljax.data import captions
@@ -12,18 +10,6 @@ from vljax.evals.base import Evaluator, Predict, register
 from vljax.evals.retrieval import retrieval_metrics
 from vljax.evals.sources import image_caption_records, open_source
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
-
-
-def batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """Applies `fn` to fixed-size batches (the last one padded) so it compiles once."""
-  outputs = []
-  for start in range(0, len(inputs), batch_size):
-    chunk = inputs[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    outputs.append(np.asarray(fn(chunk))[:batch_size - pad])
-  return np.concatenate(outputs)
 
 
 class _Embedding(Evaluator):

@@ -23,7 +23,6 @@ from vljax.data.pipeline import encode_texts
 from vljax.data.tfds import open_tfds_source
 from vljax.errors import ConfigError
 from vljax.evals.base import Environment, Evaluator, Predict, register
-from vljax.evals.contrastive import batched
 from vljax.evals.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
 # A few of CLIP's ImageNet prompts that suit any photo classification set.
@@ -137,16 +136,14 @@ class TfdsZeroShot(Evaluator):
                                                 prefetch_buffer_size=4 * self.batch_size))
 
   def run(self, predict: Predict) -> dict[str, float]:
-    embed_images = lambda images: predict("embed_images", {"image": images})
-    embed_texts = lambda tokens: predict("embed_texts", {"text": tokens})
-    text_fn = lambda texts: batched(embed_texts, self.tokenize(texts), self.batch_size)
+    # predict runs in fixed-size batches of settings.batch_size itself.
+    text_fn = lambda texts: predict("embed_texts", {"text": self.tokenize(texts)})
     classifier = zeroshot_classifier(text_fn, self.class_names, self.templates)
     num_classes = len(self.class_names)
     embeddings, labels, pending, skipped, first_error = [], [], [], 0, ""
 
     def flush():
-      embeddings.append(batched(embed_images, np.stack([e["image"] for e in pending]),
-                                self.batch_size))
+      embeddings.append(predict("embed_images", {"image": np.stack([e["image"] for e in pending])}))
       labels.extend(e["label"] for e in pending)
       pending.clear()
 

@@ -4,12 +4,11 @@ likelihoods. It trains on captions, and on any view with a loss mask (VQA, groun
 captions), where the contrastive term pairs the image with the view's whole text."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from vljax.families.base import Family
 from vljax.losses.captioning import (captioning_loss, decoder_input_length, decoder_inputs,
-                                     next_token_targets)
+                                     next_token_targets, token_nll)
 from vljax.models import coca
 from vljax.models.vit import ViT
 
@@ -47,9 +46,7 @@ def _generate(bound, params, inputs, *, max_new_tokens: int):
 
 def _token_nll(bound, params, inputs):
   inputs_bt, targets_bt, weights_bt = next_token_targets(inputs["text"], inputs["mask_loss"])
-  logits_btv = bound.apply(params, inputs["image"], inputs_bt)["logits"].astype(jnp.float32)
-  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-  nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+  nll_bt = token_nll(bound.apply(params, inputs["image"], inputs_bt)["logits"], targets_bt)
   weights_bt = weights_bt.astype(jnp.float32)
   return {"nll": jnp.sum(nll_bt * weights_bt, axis=1), "tokens": jnp.sum(weights_bt, axis=1)}
 

@@ -31,6 +31,14 @@ def decoder_input_length(max_text_len: int) -> int:
   return max_text_len - 1
 
 
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+  """float32 [B, T] negative log-likelihoods of the targets, logsumexp(logits) - logits[target]
+  in float32 whatever the logits dtype (no float32 copy of the log-probabilities is kept)."""
+  logits_btv = logits_btv.astype(jnp.float32)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+
+
 def captioning_loss(logits_btv: jax.Array, targets_bt: jax.Array,
                     mask_bt: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Token cross-entropy averaged over the tokens where `mask_bt` is True; returns (loss, metrics).
@@ -39,9 +47,7 @@ def captioning_loss(logits_btv: jax.Array, targets_bt: jax.Array,
   logsumexp(logits) - logits[target], so no float32 copy of the log-probabilities is kept.
   metrics: cap_loss, cap_accuracy (argmax == target over the counted tokens), cap_tokens.
   """
-  logits_btv = logits_btv.astype(jnp.float32)
-  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-  nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+  nll_bt = token_nll(logits_btv, targets_bt)
   weight_bt = mask_bt.astype(jnp.float32)
   num_tokens = jnp.sum(weight_bt)
   denominator = jnp.maximum(num_tokens, 1.0)

@@ -82,6 +82,13 @@ class View(grain.transforms.Map):
             f"The {self.name!r} view writes the token {token!r}, which the tokenizer lacks: "
             f"use tokenizer.with_added_tokens({VISION_TOKENS!r})")
 
+  def _check_choice(self, setting: str, choices: tuple[str, ...]) -> None:
+    """Raises naming the setting and the valid values when its value is not one of `choices`."""
+    value = getattr(self, setting)
+    if value not in choices:
+      raise ValueError(f"Unknown {setting}={value!r} for the {self.name} view; valid: "
+                       f"{', '.join(choices)}")
+
   def map(self, record: dict) -> dict:
     """The training example of `record`; a bad record passes through (one this view cannot
     use becomes {"error", "key"})."""

@@ -53,9 +53,7 @@ class GroundingView(View):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.direction not in self.DIRECTIONS:
-      raise ValueError(f"Unknown direction={self.direction!r} for the grounding view; valid: "
-                       f"{', '.join(self.DIRECTIONS)}")
+    self._check_choice("direction", self.DIRECTIONS)
 
   def _prompt_and_answer(self, record: dict) -> tuple[str, str]:
     regions = record["regions"]

@@ -34,9 +34,7 @@ class InterleavedView(View):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.loss_on not in self.LOSS_ON:
-      raise ValueError(f"Unknown loss_on={self.loss_on!r} for the interleaved view; valid: "
-                       f"{', '.join(self.LOSS_ON)}")
+    self._check_choice("loss_on", self.LOSS_ON)
     if self.num_images < 1:
       raise ValueError(f"num_images must be >= 1, got {self.num_images}")
 
