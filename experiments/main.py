@@ -2,7 +2,8 @@ r"""Trains and evaluates a vljax config.
 
   python experiments/main.py --config=clip_tiny.py --workdir=/tmp/clip
   python experiments/main.py --config=clip_tiny.py --config.total_steps=100 --workdir=/tmp/clip
-  python experiments/main.py --config=coca_base.py --dry_run \
+  python experiments/main.py --config=coca_large.py --dry_run            # for its TPU slice
+  python experiments/main.py --config=coca_base.py --dry_run --topology=v4-32 \
       --config.mesh="[('data', -1), ('fsdp', 16), ('tensor', 1)]"
 
 A bare config name resolves to experiments/configs/ (`FILE:ARG` passes ARG to its get_config).
@@ -46,6 +47,12 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print parameter counts, FLOPs pe
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", 0, "On a CPU host, fake this many devices for --dry_run (default: the "
     "product of the config's fixed mesh axis sizes, at least 8).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --dry_run: compile the step for this Cloud TPU slice (v4-N, v5e-N / "
+    "v5litepod-N, v5p-N, v6e-N) with libtpu's compile-only client and report per-chip HBM; "
+    "default: the config's config.tpu.topology; 'none': compile for the CPU.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "With a TPU dry run: the model FLOPs utilisation the "
+                          "reported step time assumes.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback of an error, and debug "
                              "lines of the vljax log.")
 
@@ -119,7 +126,9 @@ def run(config, workdir: str) -> None:
   if _DRY_RUN.value:
     _fake_cpu_devices(config)
     from vljax.train.dry_run import dry_run  # pylint: disable=import-outside-toplevel
-    dry_run(config)
+    topology = config.tpu.topology if _TOPOLOGY.value is None else _TOPOLOGY.value
+    dry_run(config, topology=None if topology.lower() in ("", "none") else topology,
+            mfu=_MFU.value)
     return
   from vljax.train import distributed  # pylint: disable=import-outside-toplevel
   from vljax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel

@@ -92,6 +92,81 @@ def test_create_queued(run_script):
   assert "--spot" not in argv
 
 
+# Loads clip_tiny.py and names a slice in config.tpu.topology (set whole, so that this works
+# whether or not base_config() has the `tpu` key yet).
+TOPOLOGY_CONFIG = """
+import ml_collections
+from vljax.train.config import load_config
+
+
+def get_config():
+  c = load_config("clip_tiny.py")
+  c.tpu = ml_collections.ConfigDict(dict(topology={topology!r}))
+  print("a config that prints")
+  return c
+"""
+
+
+def topology_config(tmp_path, topology):
+  path = tmp_path / f"tpu_{topology or 'none'}.py"
+  path.write_text(TOPOLOGY_CONFIG.format(topology=topology))
+  return str(path)
+
+
+# The config is read by this interpreter (the one with vljax installed).
+LOCAL = {"LOCAL_PYTHON": sys.executable}
+
+
+def test_create_takes_the_accelerator_type_from_the_config(run_script, tmp_path):
+  config = topology_config(tmp_path, " V5E-16 ")
+  [argv] = commands(run_script("create", "--dry-run", f"--config={config}", env=LOCAL))
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "vl-test"]
+  assert flag(argv, "--accelerator-type") == "v5litepod-16"  # gcloud's name for v5e slices
+  assert flag(argv, "--version") == "v2-alpha-tpuv5-lite"
+  config = topology_config(tmp_path, "v5p-32")
+  [argv] = commands(run_script("create", "--queued", env={**LOCAL, "CONFIG": config,
+                                                          "DRY_RUN": "1"}))
+  assert argv[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert flag(argv, "--accelerator-type") == "v5p-32"
+  assert flag(argv, "--runtime-version") == "v2-alpha-tpuv5"
+
+
+def test_an_explicit_accelerator_type_wins_over_the_config(run_script, tmp_path):
+  # A config that would not even load: it is not read at all.
+  [argv] = commands(run_script("create", "--dry-run", "--config=no_such_config.py",
+                               "--accelerator-type=v4-32", env=LOCAL))
+  assert flag(argv, "--accelerator-type") == "v4-32"
+  config = topology_config(tmp_path, "v5e-16")
+  [argv] = commands(run_script("create", "--dry-run", f"--config={config}",
+                               env={**LOCAL, "ACCELERATOR_TYPE": "v6e-8"}))
+  assert flag(argv, "--accelerator-type") == "v6e-8"
+
+
+@pytest.mark.parametrize("config, message", [
+    # clip_tiny.py names no slice (config.tpu.topology is "" or, before that key, absent).
+    ("clip_tiny.py", "clip_tiny.py names no TPU slice (config.tpu.topology is empty): set "
+                     "--accelerator-type=TYPE"),
+    ("", "names no TPU slice (config.tpu.topology is empty)"),
+    ("v5p-12", "'v5p-12' is not a v5p slice: in v5p-N, N counts TensorCores (2 per chip)"),
+    ("no_such_config.py", "cannot take the accelerator type from config.tpu.topology of "
+                          "no_such_config.py: No config 'no_such_config.py'"),
+])
+def test_create_without_a_slice_in_the_config_fails(run_script, tmp_path, config, message):
+  if not config.endswith(".py"):
+    config = topology_config(tmp_path, config)
+  result = run_script("create", "--dry-run", f"--config={config}", env=LOCAL)
+  assert result.returncode == 2 and result.stdout == ""
+  assert message in result.stderr, result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_create_needs_a_python_to_read_the_config(run_script):
+  result = run_script("create", "--dry-run", "--config=clip_tiny.py",
+                      "--local-python=/no/such/python")
+  assert result.returncode == 2 and result.stdout == ""
+  assert "no Python '/no/such/python' to read config.tpu.topology" in result.stderr
+
+
 def test_setup_copies_the_checkout(run_script, tmp_path):
   pack, scp, ssh = commands(run_script("setup", "--dry-run"))
   assert pack[:2] == ["bash", "-c"] and "ls-files" in pack[2] and pack[4] == REPO

@@ -25,12 +25,14 @@ Flags (each also read from the environment variable in capitals):
   --name=NAME                   TPU VM name (required)
   --zone=ZONE                   e.g. us-central2-b (required)
   --project=PROJECT             default: gcloud's configured project
-  --accelerator-type=TYPE       e.g. v5litepod-16, v4-32, v6e-8 (required by create)
+  --accelerator-type=TYPE       e.g. v5litepod-16, v4-32, v6e-8 (required by create, unless
+                                --config names a config whose config.tpu.topology is set)
   --runtime-version=VERSION     default: the recommended one for the accelerator type
   --spot                        spot capacity (SPOT=1)
   --queued                      use queued resources (QUEUED=1)
   --queued-resource-id=ID       default: NAME
-  --config=CONFIG               e.g. clip_tiny.py (required by launch)
+  --config=CONFIG               e.g. clip_tiny.py (required by launch); `create` without
+                                --accelerator-type creates the slice in config.tpu.topology
   --workdir=DIR                 run directory on the workers (required by launch; must be one
                                 file system shared by all workers on a multi-host slice)
   --run-name=RUN                names the log files; default: CONFIG without ".py"
@@ -41,6 +43,8 @@ Flags (each also read from the environment variable in capitals):
   --python=PYTHON               interpreter for the venv (default: python3.13/3.12/3.11,
                                 else one installed with uv)
   --jax-spec=SPEC               the JAX requirement to install (default: jax[tpu])
+  --local-python=PYTHON         interpreter that reads --config on this machine for `create`
+                                (default: this checkout's .venv/bin/python, else python3)
   --worker=WORKER               worker for `logs` (0, 1, ... or all; default 0)
   --dry-run                     print every command, fully quoted, and run nothing (DRY_RUN=1);
                                 before `--` (main.py's --dry_run is its compile-only cost report)
@@ -78,6 +82,7 @@ REMOTE_DIR=${REMOTE_DIR:-vljax}
 LOG_DIR=${LOG_DIR:-vljax-logs}
 PYTHON=${PYTHON:-}
 JAX_SPEC=${JAX_SPEC:-jax[tpu]}
+LOCAL_PYTHON=${LOCAL_PYTHON:-}
 WORKER=${WORKER:-0}
 DRY_RUN=${DRY_RUN:-0}
 COMMAND=""
@@ -103,6 +108,7 @@ flag_var() {
     --log-dir) var=LOG_DIR ;;
     --python) var=PYTHON ;;
     --jax-spec) var=JAX_SPEC ;;
+    --local-python) var=LOCAL_PYTHON ;;
     --worker) var=WORKER ;;
     --dry-run) var=DRY_RUN ;;
     *) return 1 ;;
@@ -260,8 +266,61 @@ run_name() {
   printf '%s' "$base"
 }
 
+# Prints "accelerator-type:TYPE", where TYPE is config.tpu.topology of CONFIG as gcloud's
+# accelerator type ("v5e-16" -> v5litepod-16), or is empty when the config names no slice. The
+# config is loaded here, on this machine (also under --dry-run: it only reads), by
+# vljax.train.config.load_config, which does not validate it.
+READ_TOPOLOGY='
+import sys
+try:
+  sys.path.insert(0, sys.argv[1])
+  from vljax.train.config import load_config
+  from vljax.train.tpu import parse_slice
+  config = load_config(sys.argv[2])
+  topology = ((config.get("tpu") or {}).get("topology") or "").strip()
+  print("accelerator-type:" + (parse_slice(topology).accelerator_type if topology else ""))
+except Exception as e:
+  text = (str(e).strip() or type(e).__name__).splitlines()[0]
+  if not isinstance(e, (ValueError, OSError)):
+    text = f"{type(e).__name__}: {text}"
+  hint = "set --accelerator-type"
+  if isinstance(e, ImportError):
+    hint += ", or --local-python to a Python with vljax installed"
+  sys.exit(f"vljax-tpu: cannot take the accelerator type from config.tpu.topology of "
+           f"{sys.argv[2]}: {text} ({hint})")
+'
+
+config_accelerator_type() {
+  local root python
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  python=${LOCAL_PYTHON:-}
+  if [[ -z $python ]]; then
+    python=python3
+    if [[ -x $root/.venv/bin/python ]]; then
+      python=$root/.venv/bin/python
+    fi
+  fi
+  type -P "$python" >/dev/null ||
+    die "no Python '$python' to read config.tpu.topology from $CONFIG; set --local-python or" \
+      "--accelerator-type"
+  "$python" -c "$READ_TOPOLOGY" "$root" "$CONFIG"
+}
+
 cmd_create() {
-  require NAME ZONE ACCELERATOR_TYPE
+  require NAME ZONE
+  # An explicit --accelerator-type wins; else the config's slice, if it names one.
+  if [[ -z $ACCELERATOR_TYPE && -n $CONFIG ]]; then
+    local out
+    out=$(config_accelerator_type) || exit 2
+    out=${out##*$'\n'} # the last line: the config file may print lines of its own
+    [[ $out == accelerator-type:* ]] ||
+      die "reading config.tpu.topology from $CONFIG printed no accelerator type"
+    ACCELERATOR_TYPE=${out#accelerator-type:}
+    [[ -n $ACCELERATOR_TYPE ]] ||
+      die "$CONFIG names no TPU slice (config.tpu.topology is empty): set" \
+        "--accelerator-type=TYPE (e.g. v5p-32), or config.tpu.topology"
+  fi
+  require ACCELERATOR_TYPE
   local runtime=$RUNTIME_VERSION
   if [[ -z $runtime ]]; then
     runtime=$(default_runtime "$ACCELERATOR_TYPE") ||

@@ -17,6 +17,8 @@ def get_config():
   c.checkpoint_every = 1_000
   c.compute_dtype = "bfloat16"
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.tpu.topology = "v4-64"  # 32 chips of 32 GiB
+  c.microbatches = 4  # 8,192 examples (256 per chip) at a time
   c.model = dict(
       image=dict(variant="B/16", pool="cls", pre_norm=True, out_bias=False, act="quick_gelu",
                  norm_eps=1e-5, scan=True, remat="dots_no_batch"),

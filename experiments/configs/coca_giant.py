@@ -11,5 +11,7 @@ from vljax.train.config import load_config
 def get_config():
   c = load_config("coca_base.py")
   c.model.variant = "giant"
-  c.mesh = [("data", -1), ("fsdp", 32), ("tensor", 1)]
+  c.tpu.topology = "v5p-128"  # 64 chips of 95 GiB
+  c.mesh = [("data", -1), ("fsdp", 64), ("tensor", 1)]
+  c.microbatches = 16  # 4,096 examples (64 per chip) at a time
   return c

@@ -11,5 +11,7 @@ from vljax.train.config import load_config
 def get_config():
   c = load_config("coca_base.py")
   c.model.variant = "large"
+  c.tpu.topology = "v5p-32"  # 16 chips of 95 GiB
   c.mesh = [("data", -1), ("fsdp", 16), ("tensor", 1)]
+  c.microbatches = 16  # 4,096 examples (256 per chip) at a time
   return c

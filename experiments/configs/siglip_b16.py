@@ -16,6 +16,8 @@ def get_config():
   c.eval_every = 5_000
   c.checkpoint_every = 1_000
   c.compute_dtype = "bfloat16"
+  c.tpu.topology = "v5e-64"  # 64 chips of 16 GiB
+  c.microbatches = 4  # 8,192 examples (128 per chip) at a time
   c.model = dict(
       image=dict(variant="B/16", pool="map", act="gelu_tanh", scan=True, remat="dots_no_batch"),
       text=dict(vocab_size=32000, variant="B", causal=False, pool="last", mask_padding=False, act="gelu_tanh",

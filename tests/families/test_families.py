@@ -30,7 +30,8 @@ def test_every_family_declares_known_predict_functions_and_views():
     assert family.name == name and get_family(name) is family
     assert set(family.predict) <= set(PREDICT_FUNCTIONS) and "caption" in family.views
   with pytest.raises(ValueError, match="unknown predict function"):
-    Family("x", object, lambda c, t: {}, lambda b: (), lambda *a: None, predict={"embed": None})
+    Family("x", object, lambda c, t: {}, lambda b: (), lambda *a: None, lambda *a: None,
+           predict={"embed": None})
   with pytest.raises(ValueError, match=r"config\.family='llava'; choose one of \['coca', 'two_tower'\]"):
     get_family("llava")
 

@@ -60,7 +60,8 @@ def test_main_dry_run_and_missing_data_source():
   """The accelerator configs dry-run on a CPU host, and refuse to train without real data."""
   env = dict(os.environ, XLA_FLAGS="")
   proc = subprocess.run([sys.executable, "experiments/main.py", "--config=clip_b16.py", "--dry_run",
-                         "--config.batch_size=16", "--config.model.image.variant=mu/16",
+                         "--topology=none", "--config.batch_size=16", "--config.microbatches=1",
+                         "--config.model.image.variant=mu/16",
                          "--config.model.text.variant=mu"],
                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,7 +9,12 @@ A family is a frozen `Family` record in `vljax.families.FAMILIES`:
                pad id, text length, which contrastive loss), as dotted paths;
   model_inputs the positional inputs of `module.__call__` from a prepared batch (initialisation
                runs it on a zero batch of the view's batch spec);
-  loss         a pure function (bound, params, batch, rng) -> (loss, metrics);
+  loss_terms   a pure function (bound, params, batch, rng) -> LossTerms: what the loss is made
+               of, split by how it combines over the examples of a batch;
+  combine      (bound, LossTerms of the whole batch) -> (loss, metrics). The loss is
+               combine(loss_terms(batch)); with `config.microbatches` the loop computes the terms
+               per microbatch and still gets the whole batch's exact loss and gradient
+               (`vljax.train.accumulate`), as gradient caching does for contrastive losses;
   predict      functions by name that evaluators ask for (see PREDICT_FUNCTIONS);
   views        the data views (`vljax.data.views`) it trains on.
 
@@ -20,7 +25,7 @@ one place that does, from `config.loss`), and runs predict functions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -51,6 +56,22 @@ AT_LEAST_FIELDS = ("vocab_size", "max_len")
 FIELD_OWNERS = {"pad_id": "the tokenizer", "contrastive": "config.loss.contrastive"}
 
 
+class LossTerms(NamedTuple):
+  """A loss's ingredients over a batch, by how they combine across its microbatches.
+
+  examples  per-example arrays [B, ...] (the contrastive embeddings "zimg", "ztxt"): the whole
+            batch's are the microbatches' concatenated, so a loss coupling all examples stays
+            exact;
+  shared    arrays that depend on the parameters only (the contrastive "scale", "bias"): the
+            same in every microbatch;
+  sums      float32 scalars that add up over microbatches (summed token NLLs and token counts).
+  """
+
+  examples: dict[str, jax.Array]
+  shared: dict[str, jax.Array]
+  sums: dict[str, jax.Array]
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """A family's contribution to the loop and the evaluators (see the module docstring)."""
@@ -59,7 +80,8 @@ class Family:
   module: type[nn.Module]
   model_fields: Callable[[ml_collections.ConfigDict, Any], dict[str, Any]]
   model_inputs: Callable[[Mapping[str, jax.Array]], tuple]
-  loss: Callable[["Bound", Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+  loss_terms: Callable[["Bound", Any, Mapping[str, jax.Array], jax.Array], LossTerms]
+  combine: Callable[["Bound", LossTerms], tuple[jax.Array, dict]]
   predict: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
   views: tuple[str, ...] = ("caption",)
   # Sub-module fields of `config.model` that hold a nested module's fields: field -> class.
@@ -166,12 +188,28 @@ class Bound:
     rngs = {"dropout": rng} if rng is not None else {}
     return self.model.apply({"params": params}, *inputs, train=train, rngs=rngs, **kwargs)
 
+  def loss_terms(self, params, batch: Mapping[str, jax.Array], rng: jax.Array) -> LossTerms:
+    """The family's loss terms of a raw (uint8-image) batch."""
+    return self.family.loss_terms(self, params, self.prepare(batch), rng)
+
+  def combine(self, terms: LossTerms) -> tuple[jax.Array, dict]:
+    return self.family.combine(self, terms)
+
   def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-    return self.family.loss(self, params, self.prepare(batch), rng)
+    """(loss, metrics) of a raw batch in one piece."""
+    return self.combine(self.loss_terms(params, batch, rng))
+
+  def contrastive_terms(self, outputs: Mapping[str, jax.Array]) -> LossTerms:
+    """The LossTerms of a contrastive loss from a model's outputs: the embeddings per example,
+    the scale (and bias) shared."""
+    shared = {k: outputs[k] for k in ("scale", "bias") if outputs.get(k) is not None}
+    return LossTerms(examples={"zimg": outputs["zimg"], "ztxt": outputs["ztxt"]}, shared=shared,
+                     sums={})
 
   def contrastive_loss(self, outputs: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
     """The contrastive loss `config.loss` chooses (softmax / sigmoid; naive / chunked / ring) on a
-    model's "zimg", "ztxt", "scale" (and "bias") outputs: the one place it is chosen."""
+    model's "zimg", "ztxt", "scale" (and "bias") outputs, or on the `examples` and `shared` of
+    LossTerms merged: the one place it is chosen."""
     kw = contrastive_options(self.config, self.mesh)
     scale = outputs["scale"]
     if self.config.loss.contrastive == "sigmoid":

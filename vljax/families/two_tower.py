@@ -13,9 +13,13 @@ def _model_fields(config, tokenizer) -> dict:
           "text.max_len": config.data.max_text_len, "text.pad_id": tokenizer.pad_id}
 
 
-def _loss(bound, params, batch, rng):
+def _loss_terms(bound, params, batch, rng):
   outputs = bound.apply(params, batch["image"], batch["text"], train=True, rng=rng)
-  return bound.contrastive_loss(outputs)
+  return bound.contrastive_terms(outputs)
+
+
+def _combine(bound, terms):
+  return bound.contrastive_loss({**terms.examples, **terms.shared})
 
 
 def _embed_images(bound, params, inputs):
@@ -28,6 +32,6 @@ def _embed_texts(bound, params, inputs):
 
 FAMILY = Family(
     name="two_tower", module=TwoTower, model_fields=_model_fields,
-    model_inputs=lambda batch: (batch["image"], batch["text"]), loss=_loss,
+    model_inputs=lambda batch: (batch["image"], batch["text"]), loss_terms=_loss_terms, combine=_combine,
     predict={"embed_images": _embed_images, "embed_texts": _embed_texts},
     views=("caption",), submodules={"image": ViT, "text": TextTransformer})

@@ -39,6 +39,33 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
 
 
+def captioning_sums(nll_bt: jax.Array, correct_bt: jax.Array, mask_bt: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """The additive statistics of the captioning loss over a batch: float32 sums of the scored
+  tokens' NLL ("cap_nll"), of their correct argmax predictions ("cap_correct") and their number
+  ("cap_tokens"). Sums over microbatches add up to the whole batch's (`captioning_from_sums`)."""
+  weight_bt = mask_bt.astype(jnp.float32)
+  return {"cap_nll": jnp.sum(nll_bt * weight_bt),
+          "cap_correct": jax.lax.stop_gradient(jnp.sum(correct_bt.astype(jnp.float32) * weight_bt)),
+          "cap_tokens": jnp.sum(weight_bt)}
+
+
+def captioning_from_sums(sums: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, metrics) from `captioning_sums`: the token-weighted mean NLL over the scored tokens
+  (0, not NaN, when there are none); metrics cap_loss, cap_accuracy, cap_tokens."""
+  denominator = jnp.maximum(sums["cap_tokens"], 1.0)
+  loss = sums["cap_nll"] / denominator
+  return loss, {"cap_loss": loss, "cap_accuracy": sums["cap_correct"] / denominator,
+                "cap_tokens": sums["cap_tokens"]}
+
+
+def logits_captioning_sums(logits_btv: jax.Array, targets_bt: jax.Array,
+                           mask_bt: jax.Array) -> dict[str, jax.Array]:
+  """`captioning_sums` of full logits [B, T, V]."""
+  correct_bt = jnp.argmax(logits_btv, axis=-1) == targets_bt
+  return captioning_sums(token_nll(logits_btv, targets_bt), correct_bt, mask_bt)
+
+
 def captioning_loss(logits_btv: jax.Array, targets_bt: jax.Array,
                     mask_bt: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Token cross-entropy averaged over the tokens where `mask_bt` is True; returns (loss, metrics).
@@ -47,15 +74,4 @@ def captioning_loss(logits_btv: jax.Array, targets_bt: jax.Array,
   logsumexp(logits) - logits[target], so no float32 copy of the log-probabilities is kept.
   metrics: cap_loss, cap_accuracy (argmax == target over the counted tokens), cap_tokens.
   """
-  nll_bt = token_nll(logits_btv, targets_bt)
-  weight_bt = mask_bt.astype(jnp.float32)
-  num_tokens = jnp.sum(weight_bt)
-  denominator = jnp.maximum(num_tokens, 1.0)
-  loss = jnp.sum(nll_bt * weight_bt) / denominator
-  correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
-  metrics = {
-      "cap_loss": loss,
-      "cap_accuracy": jax.lax.stop_gradient(jnp.sum(correct_bt * weight_bt) / denominator),
-      "cap_tokens": num_tokens,
-  }
-  return loss, metrics
+  return captioning_from_sums(logits_captioning_sums(logits_btv, targets_bt, mask_bt))

@@ -159,9 +159,13 @@ class CoCa(nn.Module):
     return self.cls_norm(x_btd[:, -1]), x_btd[:, :-1]
 
   def caption_logits(self, text_btd: jax.Array, caption_bnd: jax.Array,
-                     mask: jax.Array | None = None, train: bool = False) -> jax.Array:
-    """Multimodal decoder (final LayerNorm included) and the vocabulary projection."""
+                     mask: jax.Array | None = None, train: bool = False,
+                     hidden: bool = False) -> jax.Array:
+    """Multimodal decoder (final LayerNorm included) and the vocabulary projection; with `hidden`
+    the decoder output [B, T, W] before the projection."""
     x_btd = self.multimodal(text_btd, mask, caption_bnd, None, deterministic=not train)
+    if hidden:
+      return x_btd
     if self.tied_output:
       return self.token_embedding.attend(x_btd)
     return self.head(x_btd)
@@ -179,13 +183,15 @@ class CoCa(nn.Module):
     return l2_normalize(features_bd.astype(jnp.float32))
 
   def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None,
-               train: bool = False) -> dict[str, jax.Array | None]:
+               train: bool = False, caption_hidden: bool = False) -> dict[str, jax.Array | None]:
     """-> {"zimg": [B, D] or None, "ztxt": [B, D] or None, "logits": [B, T, V] or None (needs
     both inputs), "scale": [] (exp t', clamped), "bias": [] (sigmoid only), and with images
     "img/tokens" [B, P, W_img], "img/pre_logits" [B, W], "img/caption_features" [B, N, W],
     with tokens "txt/tokens" [B, T, W], "txt/pre_logits" [B, W]}.
 
     The logits at position t predict token t + 1; the embeddings are float32, L2-normalised.
+    With `caption_hidden` the multimodal decoder's output [B, T, W] is returned as
+    "caption_hidden" instead of the logits (a chunked cross-entropy projects it).
     """
     if self.decode:
       raise ValueError("a decode=True CoCa only runs decode_step; see decode_step_fn")
@@ -200,8 +206,9 @@ class CoCa(nn.Module):
       out.update({"txt/tokens": text_btd, "txt/pre_logits": cls_bd})
       out["ztxt"] = self._embed(cls_bd, "txt_proj")
     if images_bhwc is not None and tokens_bt is not None:
-      out["logits"] = self.caption_logits(text_btd, caption_bnd,
-                                          causal_mask(tokens_bt.shape[1]), train)
+      caption = self.caption_logits(text_btd, caption_bnd, causal_mask(tokens_bt.shape[1]), train,
+                                    hidden=caption_hidden)
+      out["caption_hidden" if caption_hidden else "logits"] = caption
     return {**out, **contrastive_outputs(self.t_prime, self.bias, self.max_scale)}
 
 

@@ -27,6 +27,7 @@ from vljax.sharding import DEFAULT_RULES, batch_sharding
 from vljax.families import FAMILIES
 from vljax.families.base import CONTRASTIVE_LOSSES
 from vljax.train.evaluation import check_evals
+from vljax.train.tpu import parse_slice
 
 REQUIRED_TOP_LEVEL = ("total_steps", "log_every", "eval_every", "checkpoint_every", "seed")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 128  # global, over all processes and devices
+  # Gradient accumulation: each step's global batch runs as this many sequential microbatches
+  # inside the step, with the loss and gradient of the whole batch (vljax.train.accumulate).
+  c.microbatches = 1
   c.log_every = 50
   c.eval_every = 500
   c.checkpoint_every = 500
@@ -56,8 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   # contrastive: "softmax" (CLIP) | "sigmoid" (SigLIP), for every family with a contrastive
   # term; impl: "naive" | "chunked" | "ring" (vljax.losses.contrastive); CoCa weighs its losses.
+  # ce_chunk_len: text positions per chunk of a chunked cross-entropy that never materialises the
+  # [tokens, vocab] logits (0: plain, full logits).
   c.loss = ml_collections.ConfigDict(dict(contrastive="softmax", impl="naive", chunk_size=0,
-                                          contrastive_weight=1.0, caption_weight=2.0))
+                                          contrastive_weight=1.0, caption_weight=2.0,
+                                          ce_chunk_len=0))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
@@ -76,6 +83,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_multipliers = ()
   c.optim.grad_clip_norm = 1.0
   c.optim.freeze = ""  # regex on param paths ("img/.*" locks the image tower, as LiT)
+  # Adam's moments stored in "bfloat16" (updates still computed in float32) halve their memory.
+  c.optim.state_dtype = "float32"
+  # Keep the optimizer state in host memory between steps (TPU / GPU; moved to the device for
+  # the update), leaving HBM to the forward and backward passes.
+  c.optim.offload = False
+
+  # The Cloud TPU slice the config is sized for (e.g. "v5p-32"; "" for none): the TPU dry run's
+  # default --topology and `tpu/vljax-tpu.sh create`'s default accelerator type.
+  c.tpu = ml_collections.ConfigDict(dict(topology=""))
 
   # Multi-host start-up (see vljax.train.distributed); VLJAX_* environment variables override.
   c.distributed = ml_collections.ConfigDict(dict(
@@ -204,6 +220,13 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"one of {', '.join(CONTRASTIVE_LOSSES)}")
   _need(config, "loss.impl", lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}")
   _need(config, "loss.chunk_size", lambda v: _is_int(v) and v >= 0, "a non-negative int (0: default)")
+  _need(config, "loss.ce_chunk_len", lambda v: _is_int(v) and v >= 0,
+        "a non-negative int (0: full logits)")
+  _need(config, "microbatches", lambda v: _is_int(v) and v >= 1, "a positive int (1: none)")
+  _need(config, "optim.state_dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16")
+  _need(config, "optim.offload", lambda v: isinstance(v, bool), "True or False")
+  if config.tpu.topology:
+    parse_slice(config.tpu.topology)  # raises naming the valid slices
 
   _need(config, "optim.name", lambda v: v == "adamw", "adamw (the only optimizer)")
   _need(config, "optim.lr", lambda v: _is_number(v) and v > 0, "> 0")
@@ -316,12 +339,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def _batch_axes(config: ml_collections.ConfigDict, mesh) -> tuple[str, ...]:
+  """The mesh axes the logical "batch" axis is split over."""
+  spec = batch_sharding(mesh, [tuple(r) for r in config.sharding_rules]).spec
+  return () if not spec or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else spec[0]
+
+
+def _batch_devices(config: ml_collections.ConfigDict, mesh) -> int:
+  return math.prod(mesh.shape[a] for a in _batch_axes(config, mesh))
+
+
 def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   """Raises, naming config.batch_size and the mesh, when the batch cannot be split evenly over the
   devices that the logical axis "batch" maps to (config.sharding_rules) and over the processes."""
-  spec = batch_sharding(mesh, [tuple(r) for r in config.sharding_rules]).spec
-  axes = () if not spec or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else spec[0]
-  devices = math.prod(mesh.shape[a] for a in axes)
+  axes = _batch_axes(config, mesh)
+  devices = _batch_devices(config, mesh)
   processes = jax.process_count()
   multiple = math.lcm(devices, processes)
   batch = config.batch_size
@@ -337,6 +369,18 @@ def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   examples = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
   raise ConfigError(f"config.batch_size={batch} is not divisible by {' nor by '.join(reasons)}; "
                     f"use a multiple of {multiple} such as {examples}")
+
+
+def check_microbatches(config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises, naming both, when config.microbatches does not split config.batch_size into
+  microbatches that still divide evenly over the devices the batch is split over."""
+  k, batch = config.microbatches, config.batch_size
+  devices = _batch_devices(config, mesh)
+  if k > 1 and batch % (k * devices):
+    raise ConfigError(
+        f"config.microbatches={k} splits config.batch_size={batch} into microbatches that the "
+        f"{devices} devices the batch is split over cannot share evenly; the batch size must be "
+        f"a multiple of microbatches x devices = {k * devices}")
 
 
 def _parse_literal(raw: str) -> Any:

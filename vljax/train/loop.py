@@ -27,29 +27,47 @@ from vljax.evals.base import check_family
 from vljax.evals.pictures import plot_curves, plot_samples
 from vljax.families import Bound, Family, bind, get_family
 from vljax.sharding import make_mesh, replicated
-from vljax.train import optim
+from vljax.train import accumulate, optim
 from vljax.train.checkpoint import Checkpointer
-from vljax.train.config import check_mesh, init_entries, validate
+from vljax.train.config import check_mesh, check_microbatches, init_entries, validate
 from vljax.train.initialise import load_init_params
 from vljax.train.evaluation import Evaluation
 from vljax.train.reporting import MetricWriter, Progress, read_jsonl
-from vljax.train.state import TrainState, init_state, state_shardings
+from vljax.train.state import (HOST_MEMORY, TrainState, abstract_key, in_host_memory, init_state,
+                               state_shardings, with_memory_kind)
 
 log = logging.getLogger("vljax")
 
 
 def make_train_step(bound: Bound, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
-                    frozen: Any, seed: int):
-  """The pure step `(state, batch) -> (state, metrics)`; randomness is folded from the step."""
+                    frozen: Any, seed: int, microbatches: int = 1,
+                    shardings: TrainState | None = None):
+  """The pure step `(state, batch) -> (state, metrics)`; randomness is folded from the step.
+
+  With `microbatches` > 1 the batch runs as that many sequential microbatches, with the whole
+  batch's exact loss and gradient (`vljax.train.accumulate`). `shardings` (the state's) pins the
+  gradient accumulator to the parameters' layout, and brings an optimizer state kept in host
+  memory (`config.optim.offload`) to the device for the update and back.
+  """
+
+  def terms_fn(params, batch, rng):
+    return bound.loss_terms(optim.stop_frozen(params, frozen), batch, rng)
+
+  constrain = None
+  if shardings is not None:
+    constrain = lambda grads: jax.lax.with_sharding_constraint(grads, shardings.params)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-
-    def loss_fn(params):
-      return bound.loss(optim.stop_frozen(params, frozen), batch, rng)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    (loss, metrics), grads = accumulate.accumulated_value_and_grad(
+        terms_fn, bound.combine, state.params, batch, rng, microbatches, constrain)
+    opt_state = state.opt_state
+    offloaded = shardings is not None and in_host_memory(shardings.opt_state)
+    if offloaded:
+      opt_state = jax.device_put(opt_state, with_memory_kind(shardings.opt_state, "device"))
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if offloaded:
+      opt_state = jax.device_put(opt_state, shardings.opt_state)
     params = optax.apply_updates(state.params, updates)
     out = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
            "train/lr": lr_fn(state.step)}
@@ -112,6 +130,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
   tokenizer = tokenizer or build_tokenizer(data_cfg)
   mesh = make_mesh(config.mesh, devices)
   check_mesh(config, mesh)
+  check_microbatches(config, mesh)
   rules = [tuple(r) for r in config.sharding_rules]
   bound = bind(family, config, tokenizer, data_cfg, mesh)
   spec = train_view(data_cfg, tokenizer).spec(config.batch_size)
@@ -119,11 +138,14 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None, tokenizer=
   def init_params(rng):
     return bound.init(rng, spec)
 
-  abstract_params = nn.meta.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+  abstract_params = nn.meta.unbox(jax.eval_shape(init_params, abstract_key()))
   tx, lr_fn, frozen = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
   with mesh_context(mesh, rules):
     abstract_state, shardings = state_shardings(init_params, tx, mesh, rules)
-  step = jax.jit(make_train_step(bound, tx, lr_fn, frozen, config.seed),
+  if config.optim.offload:
+    shardings = shardings.replace(opt_state=with_memory_kind(shardings.opt_state, HOST_MEMORY))
+  step = jax.jit(make_train_step(bound, tx, lr_fn, frozen, config.seed, config.microbatches,
+                                 shardings),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
   return Experiment(config, data_cfg, family, tokenizer, bound, spec, mesh, rules, tx, frozen,
                     abstract_state, shardings, init_params, step)

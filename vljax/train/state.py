@@ -33,10 +33,29 @@ def boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTrans
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+# The memory kind of an offloaded optimizer state (`config.optim.offload`).
+HOST_MEMORY = "pinned_host"
+
+
+def with_memory_kind(shardings: Any, kind: str) -> Any:
+  """The NamedShardings of a tree placed in memory `kind` ("device" or HOST_MEMORY)."""
+  return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
+def in_host_memory(shardings: Any) -> bool:
+  return any(s.memory_kind == HOST_MEMORY for s in jax.tree.leaves(shardings))
+
+
+def abstract_key() -> jax.ShapeDtypeStruct:
+  """The shape and dtype of a PRNG key: what shape-only initialisation (`jax.eval_shape`) needs,
+  without creating a key on any device (a compile-only TPU mesh has none to create it on)."""
+  return jax.eval_shape(lambda: jax.random.key(0))
+
+
 def state_shardings(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                     mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state, matching NamedShardings), from shapes only: nothing is allocated."""
-  boxed = jax.eval_shape(lambda key: boxed_state(init_params, tx, key), jax.random.key(0))
+  boxed = jax.eval_shape(lambda key: boxed_state(init_params, tx, key), abstract_key())
   return nn.meta.unbox(boxed), logical_shardings(boxed, mesh, rules)
 
 
