@@ -163,7 +163,7 @@ def _tpu_lines(report: dict[str, Any]) -> list[str]:
   lines = [f"  per chip: parameters {gib('memory/param_bytes_per_device')}, optimizer state "
            f"{gib('memory/optimizer_bytes_per_device')}"
            + (" (in host memory)" if report.get("offload") else "")]
-  if report["fits"] is None or "memory/temp_bytes_per_device" not in report:
+  if report["fits"] is None:
     needed = report.get("memory/needed_bytes_per_device")
     lines.append(f"  DOES NOT FIT: XLA could not place the step in the {hbm / 2**30:.1f} GiB of "
                  f"HBM per chip" + (f" (it needed {needed / 2**30:.2f} GiB)" if needed else ""))
@@ -228,7 +228,7 @@ def dry_run(config, devices=None, topology: str | None = None,
       compiled, error = None, str(e)
   report["compile_seconds"] = time.time() - t0
   if tpu_slice is not None:
-    report.update(_tpu_report(exp, tpu_slice, compiled, mfu, report["flops_per_step"]))
+    report.update(_tpu_report(exp, tpu_slice, mfu, report["flops_per_step"]))
     if compiled is None:
       report["compile_error"] = " ".join(error.split())[:600]
       needed = _needed_bytes(error)
@@ -236,18 +236,19 @@ def dry_run(config, devices=None, topology: str | None = None,
         report["memory/needed_bytes_per_device"] = needed
   if compiled is not None:
     report.update(_memory_report(compiled))
-    if tpu_slice is not None:
-      report["fits"] = report["memory/peak_bytes_per_device"] <= tpu_slice.hbm_bytes
+  if tpu_slice is not None:  # None: XLA could not place the step at all
+    report["fits"] = (None if compiled is None
+                      else report["memory/peak_bytes_per_device"] <= tpu_slice.hbm_bytes)
   log.info(format_report(report, config.family))
   return report
 
 
-def _tpu_report(exp: Experiment, tpu_slice: tpu.TpuSlice, compiled, mfu: float,
+def _tpu_report(exp: Experiment, tpu_slice: tpu.TpuSlice, mfu: float,
                 flops: float) -> dict[str, Any]:
   state = exp.abstract_state
   return {
       "topology": tpu_slice.name, "chips": tpu_slice.chips, "tpu/hbm_bytes": tpu_slice.hbm_bytes,
-      "tpu/peak_flops": tpu_slice.peak_flops, "mfu": mfu, "fits": None if compiled is None else False,
+      "tpu/peak_flops": tpu_slice.peak_flops, "mfu": mfu,
       "offload": bool(exp.config.optim.offload),
       "memory/param_bytes_per_device": _shard_bytes(state.params, exp.shardings.params),
       "memory/optimizer_bytes_per_device": _shard_bytes(state.opt_state, exp.shardings.opt_state),
