@@ -1,5 +1,8 @@
-"""Patch, token and positional embeddings (learned, 1-D and 2-D sin-cos)."""
+"""Patch, token and positional embeddings (learned, 1-D and 2-D sin-cos, rotary, T5's relative
+position buckets)."""
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,6 +19,33 @@ def sincos_1d(length: int, width: int, temperature: float = 10_000.0) -> np.ndar
   omega = 1.0 / temperature ** (np.arange(width // 2, dtype=np.float64) / (width // 2))
   angles = np.arange(length, dtype=np.float64)[:, None] * omega[None, :]
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def rotary_inv_freq(head_dim: int, base: float = 10_000.0) -> np.ndarray:
+  """The head_dim / 2 rotary frequencies base ** (-2i / head_dim), float32 as transformers
+  computes them (so positions in the thousands rotate by the same angles)."""
+  if head_dim % 2:
+    raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+
+
+def apply_rotary(x_bthd: jax.Array, positions_bt: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021, RoFormer) of queries or keys [B, T, H, D].
+
+  The layout is transformers' LLaMA "rotate half": feature i is rotated together with feature
+  i + D/2 (not 2i with 2i + 1, as in Meta's original code, whose checkpoints transformers
+  permutes on conversion): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]. Angles
+  are float32; cos and sin are cast to x's dtype before the product, as transformers does.
+  """
+  inv_freq_f = jnp.asarray(rotary_inv_freq(x_bthd.shape[-1], base))
+  angles_btf = jnp.asarray(positions_bt, jnp.float32)[..., None] * inv_freq_f
+  angles_btd = jnp.concatenate([angles_btf, angles_btf], axis=-1)
+  cos_bt1d = jnp.cos(angles_btd).astype(x_bthd.dtype)[:, :, None, :]
+  sin_bt1d = jnp.sin(angles_btd).astype(x_bthd.dtype)[:, :, None, :]
+  first_bthf, second_bthf = jnp.split(x_bthd, 2, axis=-1)
+  rotated_bthd = jnp.concatenate([-second_bthf, first_bthf], axis=-1)
+  return x_bthd * cos_bt1d + rotated_bthd * sin_bt1d
 
 
 def sincos_2d(height: int, width_patches: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -124,3 +154,72 @@ class LearnedPosEmbed(nn.Module):
       raise ValueError(f"sequence length {x_btd.shape[1]} exceeds the position table ({self.length})")
     rows = jax.lax.dynamic_slice_in_dim(table, offset, x_btd.shape[1], axis=1)
     return x_btd + rows.astype(x_btd.dtype)
+
+
+def _distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
+  """int32 [max_distance + 1]: T5's bucket of each distance 0..max_distance (one direction).
+
+  Half the buckets hold the distances below num_buckets // 2 exactly; the other half split
+  [num_buckets // 2, max_distance) logarithmically, and every farther distance shares the last
+  bucket. float32 throughout, as Mesh TensorFlow and transformers compute it, so that the bins'
+  edges fall on the same distances.
+  """
+  max_exact = num_buckets // 2
+  if max_exact < 1 or max_distance <= max_exact:
+    raise ValueError(f"relative position buckets need num_buckets >= 2 per direction and "
+                     f"max_distance > {max_exact}; got {num_buckets} and {max_distance}")
+  distance = np.arange(max_distance + 1)
+  ratio = np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact)
+  log_ratio = np.log(ratio) / np.float32(np.log(max_distance / max_exact))
+  large = max_exact + (log_ratio * np.float32(num_buckets - max_exact)).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return np.where(distance < max_exact, distance, large).astype(np.int32)
+
+
+def relative_position_buckets(relative_position: jax.Array, *, bidirectional: bool,
+                              num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucket (Raffel et al. 2020, Mesh TensorFlow's `_relative_position_bucket`) of each
+  relative position key - query, in [0, num_buckets).
+
+  Bidirectional (encoder): half the buckets for keys at or before the query, half for keys
+  after it. Unidirectional (causal decoder): only keys at or before the query are told apart,
+  every later key falls in bucket 0 (it is masked anyway).
+  """
+  relative_position = jnp.asarray(relative_position, jnp.int32)
+  if bidirectional:
+    half = num_buckets // 2
+    offset = jnp.where(relative_position > 0, half, 0)
+    distance = jnp.abs(relative_position)
+    table = _distance_buckets(half, max_distance)
+  else:
+    offset = 0
+    distance = jnp.maximum(-relative_position, 0)
+    table = _distance_buckets(num_buckets, max_distance)
+  return offset + jnp.take(jnp.asarray(table), jnp.minimum(distance, max_distance))
+
+
+class RelativePositionBias(nn.Module):
+  """T5's relative position bias: one learned scalar per head and relative-position bucket,
+  added to the self-attention logits. T5 computes it once per stack and shares it across the
+  stack's layers (`Transformer(attention_bias=...)`). -> float32 [B|1, heads, query, key]."""
+
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = True  # encoder True; causal decoder False
+  embedding_init: Any = nn.initializers.normal(1.0)
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """`query_positions` int [Q] or [B, Q], `key_positions` int [K] or [B, K]."""
+    table_nh = self.param("embedding", partitioned(self.embedding_init, (None, "heads")),
+                          (self.num_buckets, self.num_heads), self.param_dtype)
+    query_bq = jnp.atleast_2d(jnp.asarray(query_positions, jnp.int32))
+    key_bk = jnp.atleast_2d(jnp.asarray(key_positions, jnp.int32))
+    relative_bqk = key_bk[:, None, :] - query_bq[:, :, None]
+    buckets_bqk = relative_position_buckets(relative_bqk, bidirectional=self.bidirectional,
+                                            num_buckets=self.num_buckets,
+                                            max_distance=self.max_distance)
+    bias_bqkh = jnp.take(table_nh, buckets_bqk, axis=0).astype(jnp.float32)
+    return jnp.moveaxis(bias_bqkh, -1, 1)

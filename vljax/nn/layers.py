@@ -74,6 +74,25 @@ class Dense(nn.Module):
     )(x)
 
 
+class RMSNorm(nn.Module):
+  """RMSNorm (Zhang & Sennrich 2019) computed as transformers' LlamaRMSNorm: the mean square
+  and the normalisation in float32, a cast back to the input dtype, then the scale multiply
+  (so bfloat16 activations round exactly where LLaMA's do)."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    scale_d = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x_btd.shape[-1],),
+                         self.param_dtype)
+    x32_btd = x_btd.astype(jnp.float32)
+    mean_square_bt1 = jnp.mean(jnp.square(x32_btd), axis=-1, keepdims=True)
+    normed_btd = (x32_btd * jax.lax.rsqrt(mean_square_bt1 + self.epsilon)).astype(x_btd.dtype)
+    return jnp.asarray(scale_d, self.dtype) * normed_btd.astype(self.dtype)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm (or RMSNorm with `rms=True`) with logically named scale and bias."""
 
@@ -87,8 +106,7 @@ class LayerNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale_init = partitioned(nn.initializers.ones, ("embed",))
     if self.rms:
-      return nn.RMSNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                        scale_init=scale_init, name="norm")(x)
+      return RMSNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
     return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                         use_bias=self.use_bias, scale_init=scale_init,
                         bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="norm")(x)
@@ -115,20 +133,31 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class MlpBlock(nn.Module):
-  """Transformer feed-forward block: Dense(mlp_dim) -> activation -> dropout -> Dense(width)."""
+  """Transformer feed-forward block: Dense(mlp_dim) -> activation -> dropout -> Dense(width).
+
+  With `gated` it is a gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer"):
+  act(x W_gate) * (x W_up) -> dropout -> W_down; with act="silu" this is LLaMA's SwiGLU.
+  """
 
   mlp_dim: int
   act: str = "gelu"
   dropout: float = 0.0
+  gated: bool = False
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_btd: jax.Array, deterministic: bool = True) -> jax.Array:
     width = x_btd.shape[-1]
-    h_btm = Dense(self.mlp_dim, "embed", "mlp", dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="fc1")(x_btd)
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.gated:
+      gate_btm = Dense(self.mlp_dim, "embed", "mlp", name="gate", **kw)(x_btd)
+      up_btm = Dense(self.mlp_dim, "embed", "mlp", name="up", **kw)(x_btd)
+      h_btm = constrain(activation(self.act)(gate_btm) * up_btm, ("batch", "seq", "act_mlp"))
+      h_btm = nn.Dropout(self.dropout)(h_btm, deterministic=deterministic)
+      return Dense(width, "mlp", "embed", name="down", **kw)(h_btm)
+    h_btm = Dense(self.mlp_dim, "embed", "mlp", name="fc1", **kw)(x_btd)
     h_btm = constrain(activation(self.act)(h_btm), ("batch", "seq", "act_mlp"))
     h_btm = nn.Dropout(self.dropout)(h_btm, deterministic=deterministic)
-    return Dense(width, "mlp", "embed", dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="fc2")(h_btm)
+    return Dense(width, "mlp", "embed", name="fc2", **kw)(h_btm)
