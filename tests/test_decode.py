@@ -8,36 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from vljax import decode
+from vljax.models import lm
 from vljax.nn import BlockConfig, Transformer
 
 PAD, EOS, BOS = 0, 1, 2
-
-
-class TinyLM(nn.Module):
-  """Pre-LN causal transformer LM; `decode=True` feeds one token per call with a KV cache."""
-  vocab_size: int
-  width: int = 32
-  depth: int = 2
-  num_heads: int = 4
-  max_len: int = 16
-  decode: bool = False
-
-  @nn.compact
-  def __call__(self, tokens_bl, position=0):
-    x_bld = nn.Embed(self.vocab_size, self.width)(tokens_bl)
-    pos_ld = self.param("pos_embed", nn.initializers.normal(0.5), (self.max_len, self.width))
-    x_bld = x_bld + lax.dynamic_slice_in_dim(pos_ld, position, tokens_bl.shape[1])[None]
-    # In decode mode flax's attention masks the cache positions not yet written.
-    mask = None if self.decode else nn.make_causal_mask(tokens_bl)
-    for _ in range(self.depth):
-      x_bld = x_bld + nn.MultiHeadDotProductAttention(self.num_heads, decode=self.decode)(
-          nn.LayerNorm()(x_bld), mask=mask)
-      hidden = nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(x_bld)))
-      x_bld = x_bld + nn.Dense(self.width)(hidden)
-    return nn.Dense(self.vocab_size)(nn.LayerNorm()(x_bld))
 
 
 def _random_params(model, seed):
@@ -54,36 +30,30 @@ def _random_params(model, seed):
       return 0.1 * normal
     if name == "embedding":
       return normal
+    if name == "pos_embedding":
+      return 0.5 * normal
     # Attention output kernels are [heads, head_dim, width]: their fan-in is heads * head_dim.
     is_attention_out = len(path) > 1 and path[-2].key == "out"
     fan_in = np.prod(leaf.shape[:-1]) if is_attention_out else leaf.shape[0]
     return normal / np.sqrt(fan_in)
-  return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+  return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(shapes["params"]))
 
 
 @functools.lru_cache(maxsize=None)
-def _lm(vocab_size, seed=0):
-  """(logits_fn, kv_step_fn, init_kv_cache(batch, length)) of a random TinyLM."""
-  model, decoder = TinyLM(vocab_size), TinyLM(vocab_size, decode=True)
+def _lm(vocab_size, seed=3):
+  """(logits_fn, kv_step_fn, init_kv_cache(batch, length)) of a random GPT-2-recipe
+  `vljax.models.lm.LM` (width 32, 2 layers, 4 heads, learned positions, untied head)."""
+  model = lm.LM(variant="mu", recipe="gpt2", vocab_size=vocab_size, max_len=16, tied_head=False)
   params = _random_params(model, seed)
 
   @jax.jit
   def logits_fn(tokens_bt):
-    return model.apply({"params": params}, tokens_bt)
-
-  def kv_step_fn(tokens_b, cache, position):
-    logits_b1v, variables = decoder.apply({"params": params, "cache": cache},
-                                          tokens_b[:, None], position, mutable=["cache"])
-    return logits_b1v[:, 0], variables["cache"]
+    return model.apply({"params": params}, tokens_bt)["logits"]
 
   def init_kv_cache(batch_size, length):
-    # Initialising in decode mode with a full-length input declares a KV cache of that
-    # length; it starts as zeros (cache index 0), so only its shapes are needed.
-    shapes = jax.eval_shape(decoder.init, jax.random.key(0),
-                            jnp.zeros((batch_size, length), jnp.int32))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return lm.init_cache(model, params, batch_size, length)
 
-  return logits_fn, kv_step_fn, init_kv_cache
+  return logits_fn, lm.decode_step_fn(model, params), init_kv_cache
 
 
 # Shapes shared by the tests on the random LM, so that they share compiled programs.
@@ -99,7 +69,7 @@ def _prompts():
   return jnp.asarray(prompt_bl), jnp.asarray(prompt_len_b)
 
 
-def _initial_cache(kind, vocab_size=VOCAB, seed=0, batch_size=BATCH, prompt_len=PROMPT_LEN,
+def _initial_cache(kind, vocab_size=VOCAB, seed=3, batch_size=BATCH, prompt_len=PROMPT_LEN,
                    max_new_tokens=NEW):
   length = decode.cache_length(prompt_len, max_new_tokens)
   if kind == "kv":
@@ -108,21 +78,24 @@ def _initial_cache(kind, vocab_size=VOCAB, seed=0, batch_size=BATCH, prompt_len=
 
 
 @functools.lru_cache(maxsize=None)
-def _decoder(method, kind, vocab_size=VOCAB, seed=0, max_new_tokens=NEW, **static):
+def _decoder(method, kind, vocab_size=VOCAB, seed=3, max_new_tokens=NEW, **static):
   """A jitted decoder over the LM's KV-cache ("kv") or recomputing ("recompute") step fn:
   (cache, prompt_bl, prompt_len_b, *traced options) -> output."""
   logits_fn, kv_step_fn, _ = _lm(vocab_size, seed)
   step_fn = kv_step_fn if kind == "kv" else decode.recompute_step_fn(logits_fn)
   common = dict(max_new_tokens=max_new_tokens, eos_id=EOS, pad_id=PAD, **static)
+
+  def start(cache, prompt_bl, lens):
+    return decode.feed_prompt(step_fn, cache, prompt_bl, lens)
+
   if method == "greedy":
     return jax.jit(lambda cache, prompt_bl, lens: decode.greedy(
-        step_fn, cache, prompt_bl, prompt_len_b=lens, **common))
+        step_fn, start(cache, prompt_bl, lens), **common))
   if method == "beam":
     return jax.jit(lambda cache, prompt_bl, lens, alpha: decode.beam_search(
-        step_fn, cache, prompt_bl, prompt_len_b=lens, length_penalty=alpha, **common))
+        step_fn, start(cache, prompt_bl, lens), length_penalty=alpha, **common))
   return jax.jit(lambda cache, prompt_bl, lens, rng, temperature: decode.sample(
-      step_fn, cache, prompt_bl, prompt_len_b=lens, rng=rng, temperature=temperature,
-      **common))
+      step_fn, start(cache, prompt_bl, lens), rng=rng, temperature=temperature, **common))
 
 
 def _teacher_forced(prompt_bl, prompt_len_b, tokens_bn, lengths_b):
@@ -153,7 +126,7 @@ def test_kv_cache_greedy_equals_recomputation():
   ref = _decoder("greedy", "recompute")(_initial_cache("recompute"), prompt_bl, prompt_len_b)
   np.testing.assert_array_equal(out.tokens_bn, ref.tokens_bn)
   np.testing.assert_array_equal(out.lengths_b, ref.lengths_b)
-  np.testing.assert_allclose(out.log_probs_b, ref.log_probs_b, rtol=1e-5)
+  np.testing.assert_allclose(out.log_probs_b, ref.log_probs_b, rtol=1e-4, atol=1e-5)
   assert len(np.unique(out.tokens_bn)) > 3  # a non-degenerate output
 
 
@@ -180,14 +153,14 @@ def test_beam_size_one_equals_greedy():
 
 def test_kv_cache_beams_equal_recomputation_and_beat_greedy():
   prompt_bl, prompt_len_b = _prompts()
-  # Beam reordering of the KV cache (rows gathered, the scalar cache index left alone) must
+  # Beam reordering of the KV cache (rows gathered) must
   # give exactly what recomputing every prefix gives.
   beam = _decoder("beam", "kv", beam_size=4)
   out = beam(_initial_cache("kv"), prompt_bl, prompt_len_b, 0.6)
   ref = _decoder("beam", "recompute", beam_size=4)(_initial_cache("recompute"), prompt_bl,
                                                    prompt_len_b, 0.6)
   np.testing.assert_array_equal(out.tokens_bkn, ref.tokens_bkn)
-  np.testing.assert_allclose(out.scores_bk, ref.scores_bk, rtol=1e-5)
+  np.testing.assert_allclose(out.scores_bk, ref.scores_bk, rtol=1e-4, atol=1e-5)
   assert np.all(np.diff(np.asarray(out.scores_bk), axis=1) <= 0)  # best first
 
   # The best beam is at least as likely as greedy's output, and its reported log-probability
@@ -252,9 +225,10 @@ def test_length_penalty_steers_the_search():
   def bigram_step_fn(tokens_b, cache, position):
     return log_probs_vv[tokens_b], cache
 
+  start = decode.feed_prompt(bigram_step_fn, (), jnp.full((1, 1), BOS, jnp.int32))
   beam = jax.jit(lambda alpha: decode.beam_search(
-      bigram_step_fn, (), jnp.full((1, 1), BOS, jnp.int32), max_new_tokens=3, beam_size=2,
-      eos_id=EOS, pad_id=PAD, length_penalty=alpha))
+      bigram_step_fn, start, max_new_tokens=3, beam_size=2, eos_id=EOS, pad_id=PAD,
+      length_penalty=alpha))
   np.testing.assert_array_equal(beam(0.0).tokens_bkn[0, 0], [EOS, PAD, PAD])
   out = beam(6.0)
   np.testing.assert_array_equal(out.tokens_bkn[0, 0], [3, 4, 4])
@@ -294,8 +268,9 @@ def _fixed_distribution_sampler(top_k, batch_size=1024, max_new_tokens=8):
   def fixed_step_fn(tokens_b, cache, position):
     return jnp.broadcast_to(logits_v, (tokens_b.shape[0], len(FIXED_PROBS_V))), cache
 
+  start = decode.feed_prompt(fixed_step_fn, (), jnp.full((batch_size, 1), BOS, jnp.int32))
   return jax.jit(lambda rng, temperature, top_p: decode.sample(
-      fixed_step_fn, (), jnp.full((batch_size, 1), BOS, jnp.int32), rng=rng,
+      fixed_step_fn, start, rng=rng,
       max_new_tokens=max_new_tokens, eos_id=99, temperature=temperature, top_k=top_k,
       top_p=top_p))
 
@@ -338,9 +313,9 @@ def _scripted_step_fn(calls):
   """Emits token_map[script_bn[b, position]] with near certainty and counts its calls. The
   script lives in the cache, so beams see their own example's script; the shared leaves
   (token_map of leading size 6, a scalar) must reach the step function untouched."""
-  def step_fn(tokens_b, cache, position):
-    jax.debug.callback(lambda p: calls.append(int(p)), position)
-    next_b = lax.dynamic_index_in_dim(cache["script_bn"], position, axis=1, keepdims=False)
+  def step_fn(tokens_b, cache, positions_b):
+    jax.debug.callback(lambda p: calls.append(int(p[0])), positions_b)
+    next_b = cache["script_bn"][jnp.arange(tokens_b.shape[0]), positions_b]
     logits_bv = 30.0 * jax.nn.one_hot(cache["token_map"][next_b], 6) + cache["offset"]
     return logits_bv, cache
   return step_fn
@@ -349,6 +324,33 @@ def _scripted_step_fn(calls):
 def _scripted_cache(script_bn):
   return {"script_bn": jnp.asarray(script_bn, jnp.int32), "token_map": jnp.arange(6),
           "offset": jnp.array(0.0)}
+
+
+def _scripted_run(method, step_fn, prompt_bl, kwargs):
+  def run(cache):
+    start = decode.feed_prompt(step_fn, cache, prompt_bl)
+    if method == "greedy":
+      return decode.greedy(step_fn, start, **kwargs)
+    if method == "beam":
+      return decode.beam_search(step_fn, start, beam_size=3, **kwargs).best()
+    return decode.sample(step_fn, start, rng=jax.random.key(0), top_p=0.9, **kwargs)
+  return run
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_any_of_several_stop_ids_ends_a_row(method):
+  """Chat templates end a turn with one of several tokens: each row stops at the first."""
+  script_bn = np.full((3, 6), 3, np.int32)
+  script_bn[0, :2] = [3, 4]  # stop id 4 second
+  script_bn[1, :3] = [3, 3, EOS]  # stop id EOS third
+  calls = []
+  step_fn = _scripted_step_fn(calls)
+  kwargs = dict(max_new_tokens=6, eos_id=(4, EOS), pad_id=PAD)
+  out = jax.jit(_scripted_run(method, step_fn, jnp.full((3, 1), BOS, jnp.int32), kwargs))(
+      _scripted_cache(script_bn))
+  np.testing.assert_array_equal(out.tokens_bn, [[3, 4, 0, 0, 0, 0], [3, 3, EOS, 0, 0, 0],
+                                                [3] * 6])
+  np.testing.assert_array_equal(out.lengths_b, [2, 3, 6])
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
@@ -363,13 +365,7 @@ def test_eos_pads_and_stops_early(method):
   step_fn = _scripted_step_fn(calls)
   prompt_bl = jnp.full((3, 1), BOS, jnp.int32)
   kwargs = dict(max_new_tokens=new, eos_id=EOS, pad_id=PAD)
-  run = {
-      "greedy": lambda c: decode.greedy(step_fn, c, prompt_bl, **kwargs),
-      "beam": lambda c: decode.beam_search(step_fn, c, prompt_bl, beam_size=3,
-                                           **kwargs).best(),
-      "sample": lambda c: decode.sample(step_fn, c, prompt_bl, rng=jax.random.key(0),
-                                        top_p=0.9, **kwargs),
-  }[method]
+  run = _scripted_run(method, step_fn, prompt_bl, kwargs)
   out = jax.jit(run)(cache)
   jax.effects_barrier()
   expected = np.zeros((3, new), np.int32)
@@ -387,9 +383,10 @@ def test_eos_pads_and_stops_early(method):
 def test_no_eos_runs_to_max_new_tokens():
   calls = []
   cache = _scripted_cache(np.full((2, 4), 3))
-  out = jax.jit(lambda c: decode.greedy(_scripted_step_fn(calls), c,
-                                        jnp.full((2, 1), BOS, jnp.int32), max_new_tokens=4,
-                                        eos_id=EOS, pad_id=PAD))(cache)
+  step_fn = _scripted_step_fn(calls)
+  out = jax.jit(lambda c: decode.greedy(
+      step_fn, decode.feed_prompt(step_fn, c, jnp.full((2, 1), BOS, jnp.int32)),
+      max_new_tokens=4, eos_id=EOS, pad_id=PAD))(cache)
   np.testing.assert_array_equal(out.tokens_bn, np.full((2, 4), 3))
   np.testing.assert_array_equal(out.lengths_b, [4, 4])
 
@@ -407,28 +404,27 @@ def test_expand_and_gather_cache_touch_only_batch_leaves():
 
 def test_negative_length_penalty_is_rejected():
   with pytest.raises(ValueError, match="length_penalty"):
-    decode.beam_search(lambda t, c, p: (None, c), (), jnp.zeros((1, 1), jnp.int32),
-                       max_new_tokens=2, beam_size=2, eos_id=EOS, length_penalty=-1.0)
+    start = decode.Prefilled(jnp.zeros((1, 5)), (), jnp.ones((1,), jnp.int32))
+    decode.beam_search(lambda t, c, p: (None, c), start, max_new_tokens=2, beam_size=2,
+                       eos_id=EOS, length_penalty=-1.0)
 
 
 def test_batch_major_cache_round_trips_a_scanned_cache():
-  """A scanned stack's flax cache ([depth, B, ...] keys, [depth] indices) becomes batch-major
-  ([B, depth, ...], one scalar index) so beam search can gather rows, and comes back intact."""
+  """A scanned stack's flax cache ([depth, B, ...] keys and values) becomes batch-major
+  ([B, depth, ...]) so beam search can gather rows, and comes back intact."""
   depth, batch, length, width = 3, 2, 5, 8
   stack = Transformer(depth, BlockConfig(num_heads=2, mlp_dim=16, decode=True), scan=True)
   x = jnp.zeros((batch, length, width))
-  layer_major = jax.eval_shape(stack.init, jax.random.key(0), x)["cache"]
+  layer_major = jax.eval_shape(stack.init, jax.random.key(0), x,
+                               positions_bt=jnp.arange(length)[None])["cache"]
   rng = np.random.default_rng(0)
   layer_major = jax.tree.map(lambda s: jnp.asarray(rng.integers(0, 9, s.shape), s.dtype),
                              layer_major)
   attention = layer_major["layers"]["self_attn"]
-  attention["cache_index"] = jnp.full((depth,), 4, jnp.int32)  # all layers advance together
   batch_major = decode.batch_major_cache(layer_major, scanned=True)
   got = batch_major["layers"]["self_attn"]
   assert got["cached_key"].shape == (batch, depth, length, 2, 4)
   np.testing.assert_array_equal(got["cached_value"][1, 2], attention["cached_value"][2, 1])
-  assert got["cache_index"].shape == () and got["cache_index"] == 4
-  # Per-example leaves are the batch-major ones: beam expansion repeats them, not the index.
   expanded = decode.expand_cache(batch_major, 3, batch_size=batch)
   assert expanded["layers"]["self_attn"]["cached_key"].shape == (3 * batch, depth, length, 2, 4)
   back = decode.layer_major_cache(batch_major, scanned=True)
@@ -438,3 +434,9 @@ def test_batch_major_cache_round_trips_a_scanned_cache():
   # An unscanned cache is batch-major already.
   assert decode.batch_major_cache({"a": 1}, scanned=False) == {"a": 1}
   assert decode.layer_major_cache({"a": 1}, scanned=False) == {"a": 1}
+
+
+def test_decode_mode_attention_needs_positions():
+  stack = Transformer(1, BlockConfig(num_heads=2, mlp_dim=16, decode=True))
+  with pytest.raises(ValueError, match="needs positions_bt"):
+    stack.init(jax.random.key(0), jnp.zeros((1, 3, 8)))

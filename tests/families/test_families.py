@@ -28,11 +28,14 @@ def coca_config(**changes):
 def test_every_family_declares_known_predict_functions_and_views():
   for name, family in FAMILIES.items():
     assert family.name == name and get_family(name) is family
-    assert set(family.predict) <= set(PREDICT_FUNCTIONS) and "caption" in family.views
+    assert set(family.predict) <= set(PREDICT_FUNCTIONS)
+    # Families that see images train on captions, the language models on their text.
+    assert ("text" if name in ("lm", "t5") else "caption") in family.views
   with pytest.raises(ValueError, match="unknown predict function"):
     Family("x", object, lambda c, t: {}, lambda b: (), lambda *a: None, lambda *a: None,
            predict={"embed": None})
-  with pytest.raises(ValueError, match=r"config\.family='llava'; choose one of \['coca', 'two_tower'\]"):
+  with pytest.raises(ValueError, match=r"config\.family='llava'; choose one of "
+                                       r"\['coca', 'lm', 't5', 'two_tower'\]"):
     get_family("llava")
 
 

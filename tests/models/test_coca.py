@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from vljax import decode
-from vljax.models.coca import PAPER_IMAGE_SIZE, CoCa, decode_step_fn, generate, init_decode
+from vljax.models.coca import (PAPER_IMAGE_SIZE, CoCa, decode_step_fn, generate, init_decode,
+                               prefill)
 
 PAD, EOS, BOS = 0, 1, 2
 VOCAB, MAX_LEN = 23, 10
@@ -205,9 +206,13 @@ def test_cached_step_logits_equal_full_forward(scan):
   model, params, forward = build(scan=scan)
   logits = forward(params, IMAGES, TOKENS)["logits"]
   step_fn = jax.jit(decode_step_fn(model, params))
-  cache = jax.jit(lambda p, x: init_decode(model, p, x, TOKENS.shape[1]))(params, IMAGES)
-  for position in range(TOKENS.shape[1]):
-    logits_bv, cache = step_fn(jnp.asarray(TOKENS[:, position]), cache, jnp.int32(position))
+  start = jax.jit(lambda p, x, tokens: prefill(model, p, init_decode(model, p, x, TOKENS.shape[1]),
+                                               tokens))(params, IMAGES, TOKENS[:, :2])
+  np.testing.assert_allclose(start.logits_bv, logits[:, 1], atol=2e-5, rtol=1e-5)
+  cache, batch = start.cache, TOKENS.shape[0]
+  for position in range(2, TOKENS.shape[1]):
+    logits_bv, cache = step_fn(jnp.asarray(TOKENS[:, position]), cache,
+                               jnp.full((batch,), position, jnp.int32))
     np.testing.assert_allclose(logits_bv, logits[:, position], atol=2e-5, rtol=1e-5)
 
 
@@ -221,17 +226,18 @@ def test_greedy_with_kv_cache_equals_full_recomputation_and_beam_1():
 
   @jax.jit
   def cached(params, images):
-    cache = init_decode(model, params, images, new_tokens)
+    start = prefill(model, params, init_decode(model, params, images, new_tokens), prompt)
     step_fn = decode_step_fn(model, params)
-    greedy = decode.greedy(step_fn, cache, prompt, **kw)
-    beam = decode.beam_search(step_fn, cache, prompt, beam_size=1, **kw).best()
+    greedy = decode.greedy(step_fn, start, **kw)
+    beam = decode.beam_search(step_fn, start, beam_size=1, **kw).best()
     captions = generate(model, params, images, max_new_tokens=9, bos_id=BOS, eos_id=EOS)
     return greedy, beam, captions
 
   @jax.jit
   def recomputed(params, images):
     step_fn = decode.recompute_step_fn(lambda tokens: forward(params, images, tokens)["logits"])
-    return decode.greedy(step_fn, decode.recompute_cache(3, new_tokens), prompt, **kw)
+    start = decode.feed_prompt(step_fn, decode.recompute_cache(3, new_tokens), prompt)
+    return decode.greedy(step_fn, start, **kw)
 
   greedy, beam, captions = cached(params, IMAGES)
   reference = recomputed(params, IMAGES)
@@ -266,10 +272,10 @@ def test_generate_continues_a_prompt():
       return forward(params, jnp.repeat(images, beams, axis=0), tokens_bt)["logits"]
 
     step_fn = decode.recompute_step_fn(logits_fn)
-    cache = decode.recompute_cache(3, decode.cache_length(3, 6))
-    greedy = decode.greedy(step_fn, cache, prompt_bl, prompt_len_b=prompt_len_b, **kw)
-    beam = decode.beam_search(step_fn, cache, prompt_bl, prompt_len_b=prompt_len_b,
-                              beam_size=2, **kw).best()
+    start = decode.feed_prompt(step_fn, decode.recompute_cache(3, decode.cache_length(3, 6)),
+                               prompt_bl, prompt_len_b)
+    greedy = decode.greedy(step_fn, start, **kw)
+    beam = decode.beam_search(step_fn, start, beam_size=2, **kw).best()
     return greedy.tokens_bn, beam.tokens_bn
 
   greedy, beam, from_bos = cached(params, IMAGES, prompt_bl, prompt_len_b)

@@ -98,8 +98,44 @@ def _context(batch: int):
   return context_bsd, jnp.asarray(valid_bs)[:, None, None, :]
 
 
+def _decoders(model, ctx, batch, prompt_bl, prompt_len_b, new, stop_ids, beams=3):
+  """Jitted (cached, recomputed) decoders: each gives (greedy, beam) outputs for `params`; the
+  cached one also greedy from a prompt fed token by token (None with cross-attention)."""
+  length = decode.cache_length(prompt_bl.shape[1], new)
+  kw = dict(max_new_tokens=new, eos_id=stop_ids, pad_id=0)
+
+  @jax.jit
+  def cached(params):
+    cache = lm.init_cache(model, params, batch, length, context_bsd=ctx.get("context_bsd"))
+    step_fn = lm.decode_step_fn(model, params)
+    start = lm.prefill(model, params, cache, prompt_bl, prompt_len_b=prompt_len_b, **ctx)
+    fed = None
+    if not ctx:
+      fed = decode.greedy(step_fn, decode.feed_prompt(step_fn, cache, prompt_bl, prompt_len_b),
+                          **kw)
+    return (decode.greedy(step_fn, start, **kw),
+            decode.beam_search(step_fn, start, beam_size=beams, **kw), fed)
+
+  @jax.jit
+  def recomputed(params):
+    def logits_fn(tokens_bt):  # beams are example-major copies: repeat each example's context
+      rows = {k: jnp.repeat(v, tokens_bt.shape[0] // batch, axis=0) for k, v in ctx.items()}
+      return model.apply({"params": params}, tokens_bt, **rows)["logits"]
+
+    step_fn = decode.recompute_step_fn(logits_fn)
+    start = decode.feed_prompt(step_fn, decode.recompute_cache(batch, length), prompt_bl,
+                               prompt_len_b)
+    return (decode.greedy(step_fn, start, **kw),
+            decode.beam_search(step_fn, start, beam_size=beams, **kw))
+
+  return cached, recomputed
+
+
 @pytest.mark.parametrize("case", sorted(DECODE_CASES))
-def test_cached_greedy_decoding_equals_recomputation(case):
+def test_cached_decoding_equals_recomputation(case):
+  """A parallel prefill of ragged prompts, then KV-cached greedy and beam decoding with a set of
+  stop ids, gives the tokens of recomputing the whole prefix at every step; feeding the prompt
+  token by token instead of prefilling gives them too."""
   recipe, fields = DECODE_CASES[case]
   model = lm.LM(variant="mu", recipe=recipe, vocab_size=VOCAB, **fields)
   batch, new = 3, 8
@@ -111,25 +147,66 @@ def test_cached_greedy_decoding_equals_recomputation(case):
   rng = np.random.default_rng(1)
   prompt_bl = jnp.asarray(rng.integers(3, VOCAB, size=(batch, 4)), jnp.int32)
   prompt_len_b = jnp.array([4, 1, 2], jnp.int32)
-  kw = dict(max_new_tokens=new, eos_id=1, pad_id=0, prompt_len_b=prompt_len_b)
+  # Stop ids that occur: tokens the unstopped decoding produces mid-way in rows 0 and 1.
+  free = _decoders(model, ctx, batch, prompt_bl, prompt_len_b, new, (-1,))[1](params)[0]
+  stop_ids = (int(free.tokens_bn[0, 3]), int(free.tokens_bn[1, 5]))
+  cached, recomputed = _decoders(model, ctx, batch, prompt_bl, prompt_len_b, new, stop_ids)
+  (greedy, beam, fed), (ref_greedy, ref_beam) = cached(params), recomputed(params)
+  assert np.all(np.asarray(ref_greedy.lengths_b)[:2] < new)  # the stop ids ended rows 0 and 1
+  for out, ref in [(greedy, ref_greedy), (beam, ref_beam)] + [(fed, ref_greedy)] * (fed is not None):
+    np.testing.assert_array_equal(out.tokens_bn if hasattr(out, "tokens_bn") else out.tokens_bkn,
+                                  ref.tokens_bn if hasattr(ref, "tokens_bn") else ref.tokens_bkn)
+    lengths = (out.lengths_b, ref.lengths_b) if hasattr(out, "lengths_b") else (
+        out.lengths_bk, ref.lengths_bk)
+    np.testing.assert_array_equal(*lengths)
+  np.testing.assert_allclose(greedy.log_probs_b, ref_greedy.log_probs_b, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(beam.scores_bk, ref_beam.scores_bk, rtol=1e-4, atol=1e-4)
+  assert len(set(np.asarray(greedy.tokens_bn).ravel())) > 3  # a real continuation
 
-  @jax.jit
-  def cached(params):
-    cache = lm.init_cache(model, params, batch, decode.cache_length(4, new), **ctx)
-    return decode.greedy(lm.decode_step_fn(model, params), cache, prompt_bl, **kw)
 
-  @jax.jit
-  def recomputed(params):
-    step_fn = decode.recompute_step_fn(
-        lambda tokens_bt: model.apply({"params": params}, tokens_bt, **ctx)["logits"])
-    return decode.greedy(step_fn, decode.recompute_cache(batch, decode.cache_length(4, new)),
-                         prompt_bl, **kw)
+def test_prefill_from_embeddings_equals_recomputation():
+  """A visual prefix spliced into the input embeddings (6 image vectors, then ragged text) is
+  prefilled in one pass; greedy, sampled and beam continuations equal those of rerunning the
+  full forward on the embeddings of the whole prefix at every step."""
+  model = lm.LM(variant="mu", recipe="llama", vocab_size=VOCAB, num_kv_heads=2, head_dim=12)
+  params = _random_params(model, 8)
+  rng = np.random.default_rng(3)
+  batch, text_len, new = 3, 5, 7
+  image_bpd = jnp.asarray(rng.standard_normal((batch, 6, 32)), jnp.float32)
+  text_bt = jnp.asarray(rng.integers(3, VOCAB, size=(batch, text_len)), jnp.int32)
+  text_len_b = np.array([5, 2, 3])
+  prompt_len_b = jnp.asarray(6 + text_len_b, jnp.int32)
 
-  out, ref = cached(params), recomputed(params)
-  np.testing.assert_array_equal(out.tokens_bn, ref.tokens_bn)
-  np.testing.assert_array_equal(out.lengths_b, ref.lengths_b)
-  np.testing.assert_allclose(out.log_probs_b, ref.log_probs_b, rtol=1e-4, atol=1e-4)
-  assert len(set(np.asarray(out.tokens_bn).ravel())) > 3  # a real continuation, not one token
+  def embed(tokens):
+    return model.apply({"params": params}, tokens, method=lm.LM.embed)
+
+  embeds_bpd = jnp.concatenate([image_bpd, embed(text_bt)], axis=1)
+  kw = dict(max_new_tokens=new, eos_id=(1, 2))
+  greedy = lm.generate(model, params, embeds_bld=embeds_bpd, prompt_len_b=prompt_len_b, **kw)
+  beam = lm.generate(model, params, embeds_bld=embeds_bpd, prompt_len_b=prompt_len_b,
+                     beam_size=3, **kw)
+  sampling = dict(rng=jax.random.key(4), temperature=0.8, top_k=10, top_p=0.9)
+  sampled = lm.generate(model, params, embeds_bld=embeds_bpd, prompt_len_b=prompt_len_b,
+                        **sampling, **kw)
+
+  # Reference: a step function over a buffer of embeddings, rerunning the full forward.
+  forward = jax.jit(lambda x_btd: model.apply({"params": params}, embeds_btd=x_btd)["logits"])
+
+  def step_fn(tokens_b, buffer_btd, positions_b):
+    rows_b = jnp.arange(tokens_b.shape[0])
+    buffer_btd = buffer_btd.at[rows_b, positions_b].set(embed(tokens_b))
+    return forward(buffer_btd)[rows_b, positions_b], buffer_btd
+
+  buffer_btd = jnp.zeros((batch, embeds_bpd.shape[1] + new, 32)).at[:, :embeds_bpd.shape[1]].set(
+      embeds_bpd)
+  first_bv = decode.last_prompt_logits(forward(buffer_btd), prompt_len_b)
+  start = decode.Prefilled(first_bv, buffer_btd, prompt_len_b)
+  np.testing.assert_array_equal(greedy, decode.greedy(step_fn, start, **kw).tokens_bn)
+  np.testing.assert_array_equal(
+      beam, decode.beam_search(step_fn, start, beam_size=3, **kw).best().tokens_bn)
+  np.testing.assert_array_equal(
+      sampled, decode.sample(step_fn, start, **sampling, **kw).tokens_bn)
+  assert not np.array_equal(sampled, greedy)
 
 
 def test_grouped_query_attention_equals_repeated_key_value_heads():

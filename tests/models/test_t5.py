@@ -165,46 +165,67 @@ def test_dropout_only_in_training():
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_cached_greedy_decoding_equals_full_recomputation(scan):
-  """The KV cache (cross-attention keys and values made once by init_cache, steps without the
-  encoder output) gives the full forward's logits and the same greedy tokens as rerunning the
-  decoder on the whole prefix every step. 20 steps pass the relative buckets' max_distance."""
+def test_cached_decoding_equals_full_recomputation(scan):
+  """The KV cache (cross-attention keys and values projected once by the prefill, steps without
+  the encoder output) gives the full forward's logits, and greedy and beam decoding of ragged
+  forced prefixes with two stop ids give the tokens of rerunning the decoder on the whole
+  prefix every step. 20 steps pass the relative buckets' max_distance."""
   model = MODEL.clone(scan=scan)
   params = t5_lib.stack_layers(_params(), MODEL.config()) if scan else _params()
   tokens, mask, decoder_tokens = _batch(1)
   full = model.apply({"params": params}, tokens, decoder_tokens, encoder_mask_bs=mask)
-  cache = t5_lib.init_cache(model, params, full["encoder_out"], mask, max_len=24)
+  encoder_out = full["encoder_out"]
+  cache = t5_lib.init_cache(model, params, encoder_out, max_len=24)
+  start = t5_lib.prefill(model, params, cache, encoder_out, mask, decoder_tokens[:, :1])
   step_fn = jax.jit(t5_lib.decode_step_fn(model, params))
-  steps = []
-  for t in range(decoder_tokens.shape[1]):
-    logits_bv, cache = step_fn(jnp.asarray(decoder_tokens[:, t]), cache, t)
+  steps, cache = [start.logits_bv], start.cache
+  for t in range(1, decoder_tokens.shape[1]):
+    logits_bv, cache = step_fn(jnp.asarray(decoder_tokens[:, t]), cache, jnp.full((2,), t))
     steps.append(logits_bv)
   np.testing.assert_allclose(np.stack(steps, 1), full["logits"], rtol=1e-5, atol=1e-5)
 
   num_new = 20
-  cached = jax.jit(functools.partial(t5_lib.generate, model, max_new_tokens=num_new, eos_id=-1))(
-      params, jnp.asarray(tokens), mask_bs=jnp.asarray(mask))
+  prefix_bl = jnp.asarray(np.concatenate([np.zeros((2, 1), np.int32), decoder_tokens[:, 1:3]], 1))
+  prefix_len_b = jnp.array([3, 1], jnp.int32)
 
-  def logits_fn(decoder_bt):
-    return model.apply({"params": params}, decoder_bt, full["encoder_out"], mask,
-                       method=t5_lib.T5.decode_logits)
+  def logits_fn(decoder_bt):  # beams are example-major copies of each example
+    copies = decoder_bt.shape[0] // 2
+    return model.apply({"params": params}, decoder_bt, jnp.repeat(encoder_out, copies, axis=0),
+                       jnp.repeat(mask, copies, axis=0), method=t5_lib.T5.decode_logits)
 
-  recomputed = jax.jit(lambda: decode.greedy(
-      decode.recompute_step_fn(logits_fn), decode.recompute_cache(2, num_new + 1),
-      jnp.zeros((2, 1), jnp.int32), max_new_tokens=num_new, eos_id=-1).tokens_bn)()
-  np.testing.assert_array_equal(cached, recomputed)
-  assert len(np.unique(np.asarray(cached))) > 2
+  def reference(stop_ids, beams):
+    step_fn = decode.recompute_step_fn(logits_fn)
+    start = decode.feed_prompt(step_fn, decode.recompute_cache(2, num_new + 2), prefix_bl,
+                               prefix_len_b)
+    kw = dict(max_new_tokens=num_new, eos_id=stop_ids)
+    if beams == 1:
+      return decode.greedy(step_fn, start, **kw).tokens_bn
+    return decode.beam_search(step_fn, start, beam_size=beams, **kw).best().tokens_bn
+
+  free = jax.jit(lambda: reference((-1,), 1))()
+  stop_ids = (int(free[0, 4]), int(free[1, 7]))
+  for beams in (1, 3):
+    cached = jax.jit(functools.partial(t5_lib.generate, model, max_new_tokens=num_new,
+                                       eos_id=stop_ids, beam_size=beams))(
+        params, jnp.asarray(tokens), mask_bs=jnp.asarray(mask), prompt_bl=prefix_bl,
+        prompt_len_b=prefix_len_b)
+    np.testing.assert_array_equal(cached, jax.jit(lambda: reference(stop_ids, beams))())
+    assert len(np.unique(np.asarray(cached))) > 2
+    if beams == 1:
+      assert np.all(np.asarray(cached)[:, -1] == 0)  # both rows stopped
 
 
-def test_generate_from_embeddings_and_with_beams():
+def test_generate_from_embeddings_and_sampling():
   params = _params()
   tokens, mask, _ = _batch(2)
   embeds = params["token_embedding"]["embedding"][tokens]
   run = functools.partial(t5_lib.generate, MODEL, params, max_new_tokens=6, eos_id=-1)
   from_ids = run(jnp.asarray(tokens), mask_bs=mask)
   np.testing.assert_array_equal(run(embeds_bsd=jnp.asarray(embeds), mask_bs=mask), from_ids)
-  beams = run(jnp.asarray(tokens), mask_bs=mask, beam_size=3)
-  assert beams.shape == (2, 6)
+  sampled = [run(jnp.asarray(tokens), mask_bs=mask, rng=jax.random.key(0), temperature=t,
+                 top_k=5, top_p=0.9) for t in (0.0, 1.5)]
+  np.testing.assert_array_equal(sampled[0], from_ids)  # temperature 0 is greedy
+  assert not np.array_equal(sampled[1], from_ids)
   # A forced decoder prefix continues after its own tokens (which the output leaves out).
   prefix = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), from_ids[:, :2]], axis=1)
   continued = run(jnp.asarray(tokens), mask_bs=mask, prompt_bl=prefix)
@@ -214,7 +235,8 @@ def test_generate_from_embeddings_and_with_beams():
   for layer in cache["kv"]["decoder"].values():
     layer["cross_attn"] = {}
   with pytest.raises(ValueError, match="cross-attention has no cached context"):
-    t5_lib.decode_step_fn(MODEL, params)(jnp.zeros((2,), jnp.int32), cache, 0)
+    t5_lib.decode_step_fn(MODEL, params)(jnp.zeros((2,), jnp.int32), cache,
+                                         jnp.zeros((2,), jnp.int32))
 
 
 def test_checkpoint_mapping_round_trip_and_errors():

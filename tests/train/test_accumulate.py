@@ -15,9 +15,7 @@ from tests.train.helpers import random_batch, tiny_config
 from vljax.data.pipeline import global_batch
 from vljax.families.base import LossTerms
 from vljax.losses.captioning import captioning_from_sums, logits_captioning_sums, next_token_targets
-from vljax.nn.embeddings import LearnedPosEmbed, TokenEmbed
-from vljax.nn.attention import causal_mask
-from vljax.nn.transformer import BlockConfig, Transformer
+from vljax.models.lm import LM
 from vljax.train.accumulate import (accumulated_value_and_grad, merge_microbatches,
                                     split_microbatches)
 from vljax.train.loop import build_experiment
@@ -94,28 +92,14 @@ def test_coca_chunked_cross_entropy_equals_full_logits():
   assert_same(family_value_and_grad(config, 1), want)
 
 
-class TinyDecoderLM(nn.Module):
-  """A decoder-only LM of vljax layers: token + position embeddings, causal blocks, tied output."""
-
-  vocab: int = 50
-  width: int = 32
-
-  @nn.compact
-  def __call__(self, tokens_bt):
-    embed = TokenEmbed(self.vocab, self.width)
-    x_btd = LearnedPosEmbed(tokens_bt.shape[1])(embed(tokens_bt))
-    x_btd = Transformer(2, BlockConfig(num_heads=2, mlp_dim=64))(x_btd, causal_mask(tokens_bt.shape[1]))
-    return embed.attend(x_btd)
-
-
 def test_decoder_lm_microbatches_equal_one_batch():
-  model = TinyDecoderLM()
+  model = LM(variant="mu", recipe="gpt2", vocab_size=50)  # the library's decoder-only LM
   batch = ragged_batch(tiny_config())
   params = model.init(jax.random.key(0), batch["text"][:1, :-1])["params"]
 
   def terms_fn(p, b, rng):  # pylint: disable=unused-argument
     inputs_bt, targets_bt, weights_bt = next_token_targets(b["text"], b["mask_loss"])
-    logits = model.apply({"params": p}, inputs_bt)
+    logits = model.apply({"params": p}, inputs_bt)["logits"]
     return LossTerms({}, {}, logits_captioning_sums(logits, targets_bt, weights_bt))
 
   def combine(terms):

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from vljax.data.batching import BOOKKEEPING, BadRecordCounter, SkipBadAndBatch
 from vljax.data.shapes import ShapesWorld
 from vljax.data.shapes_tasks import MAX_VIDEO_OBJECTS, ShapesEpisodes, ShapesVideos
+from vljax.data.shapes_text import ShapesCaptions
 from vljax.data.tfds import TfdsSource, open_tfds_source
 from vljax.data.webdataset import WebDatasetSource
 from vljax.data.tokenizer import Tokenizer, shapes_tokenizer
@@ -66,7 +67,8 @@ DATA_DEFAULTS = dict(
     max_bad_fraction=0.05,  # stop when more of the records read so far are undecodable / empty
     min_records_before_check=1000,  # ... but only after this many records
     # How a record becomes a training example (vljax.data.views): "caption", "vqa", "chat",
-    # "interleaved", "video", "grounding"; view_settings go to the view (e.g. chat's template).
+    # "interleaved", "video", "grounding", "text" (captions alone, for language models);
+    # view_settings go to the view (e.g. chat's template).
     view="caption",
     view_settings={},
     image_size=64,
@@ -154,6 +156,11 @@ def require_source(cfg: ml_collections.ConfigDict, config_name: str = "this conf
         "config.data.tokenizer (a sentencepiece .model path).")
 
 
+# Views whose texts are captions: the shapes tokenizer of the captions serves them (a language
+# model trained on the text view shares the captioning families' vocabulary).
+CAPTION_CORPUS_VIEWS = ("caption", "text")
+
+
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
   """The sentencepiece model at `cfg.tokenizer`, or the shapes tokenizer (of the captions for
   the caption view, of every shapes text for the others), with the tokens the view adds
@@ -161,7 +168,7 @@ def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
   added = VIEWS[cfg.view].special_tokens if cfg.view in VIEWS else ()
   if cfg.tokenizer:
     return Tokenizer.from_file(cfg.tokenizer, added_tokens=added)
-  return shapes_tokenizer(corpus="captions" if cfg.view == "caption" else "all",
+  return shapes_tokenizer(corpus="captions" if cfg.view in CAPTION_CORPUS_VIEWS else "all",
                           added_tokens=added)
 
 
@@ -215,6 +222,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str, **overrides):
     frames = dict(cfg.view_settings).get("num_frames", VideoView.num_frames)
     kw["max_objects"] = min(kw["max_objects"], MAX_VIDEO_OBJECTS)
     return ShapesVideos(frames=frames, **kw)
+  if cfg.view == "text":  # captions alone: no image is rendered
+    return ShapesCaptions(**kw)
   return ShapesWorld(annotations=cfg.view != "caption", **kw)
 
 

@@ -43,6 +43,7 @@ class Environment:
   tokenizer: Any
   family_name: str = ""
   family_views: tuple[str, ...] = ()
+  family_predict: tuple[str, ...] = ()  # the family's predict functions (optional extras)
 
 
 class Evaluator(abc.ABC):

@@ -262,8 +262,11 @@ class Grounding(Evaluator):
 class Perplexity(Evaluator):
   """Perplexity of a view's training examples on validation records: exp(summed token NLL /
   scored tokens), over the tokens the view's loss mask scores ("NAME/perplexity",
-  "NAME/nll_per_token"). Interleaved episodes are captions, with as many shots as the view
-  has images after the first; videos have the view's frame count."""
+  "NAME/nll_per_token", and "NAME/token_accuracy" when the family counts argmax hits).
+  Interleaved episodes are captions, with as many shots as the view has images after the
+  first; videos have the view's frame count. For samples.png, a family that generates shows
+  its greedy completions of the prompts of a view without images (the text view's first
+  words of a caption), as text-only rows."""
 
   NEEDS = ("token_nll",)
   SETTINGS = dict(examples=500, view="caption")
@@ -278,6 +281,7 @@ class Perplexity(Evaluator):
     self.view = make_view(env, settings.view)
     records = read_records(self._source(), settings.examples, self.where,
                            needs=self.view.fields)
+    self.records = records
     examples = [self.view.map(r) for r in records]
     bad = [e["error"] for e in examples if "error" in e]
     if bad:
@@ -311,8 +315,26 @@ class Perplexity(Evaluator):
       raise ValueError(f"{self.where}: the {self.settings.view!r} view's examples score no "
                        "tokens (their mask_loss is all 0)")
     nll_per_token = nll / tokens
-    return {f"{self.name}/perplexity": math.exp(nll_per_token),
-            f"{self.name}/nll_per_token": nll_per_token}
+    metrics = {f"{self.name}/perplexity": math.exp(nll_per_token),
+               f"{self.name}/nll_per_token": nll_per_token}
+    if "correct" in out:
+      correct = float(np.sum(np.asarray(out["correct"], np.float64)))
+      metrics[f"{self.name}/token_accuracy"] = correct / tokens
+    return metrics
+
+  def sample(self, predict: Predict, count: int):
+    """Text-only rows (empty images) of prompts and greedy completions, for a view without
+    images and a family that generates; None otherwise."""
+    if "generate" not in self.env.family_predict or any(
+        k in self.view.spec(1) for k in ("image", "images", "frames")):
+      return None
+    records = self.records[:count]
+    prompts = make_prompts(self, self.view, records)
+    completions = generate(self, predict, prompts, self.view.max_len)
+    prompt_texts = self.env.tokenizer.decode(np.stack([p["text"] for p in prompts]))
+    lines = [[f"prompt: {p}", f"greedy: {p} {c}".rstrip(), f"reference: {r['caption']}"]
+             for p, c, r in zip(prompt_texts, completions, records)]
+    return np.zeros((len(records), 0, 0, 3), np.uint8), lines
 
 
 @register("fewshot")

@@ -166,18 +166,31 @@ def plot_curves(records: Sequence[dict], path: str) -> list[str]:
 
 def plot_samples(images: np.ndarray, lines: Sequence[Sequence[str]], path: str, cols: int = 4,
                  wrap: int = 46) -> None:
-  """A grid of uint8 images, each titled by its lines (e.g. generated / reference captions)."""
+  """A grid of uint8 images, each titled by its lines (e.g. generated / reference captions).
+  Empty images ([N, 0, 0, 3]: a language model's completions) give rows of text only."""
   if len(images) != len(lines):
     raise ValueError(f"{len(images)} images but {len(lines)} line groups")
   rows = -(-len(images) // cols)
   text_lines = max((sum(len(textwrap.wrap(t, wrap)) for t in text) for text in lines), default=1)
   title_inches = 0.14 * text_lines  # room above each image for its wrapped lines
+  if not any(np.size(image) for image in images):  # text only: each panel holds its lines
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, (title_inches + 0.2) * rows),
+                             squeeze=False, gridspec_kw={"hspace": 0.1, "wspace": 0.05})
+    for ax in axes.ravel():
+      ax.axis("off")
+    for ax, text in zip(axes.ravel(), lines):
+      ax.text(0, 1, "\n".join(textwrap.fill(t, wrap) for t in text), fontsize=6.5, va="top",
+              ha="left", transform=ax.transAxes)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return
   fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, (3.2 + title_inches) * rows),
                            squeeze=False, gridspec_kw={"hspace": title_inches / 3.2 + 0.1})
   for ax in axes.ravel():
     ax.axis("off")
   for ax, image, text in zip(axes.ravel(), images, lines):
-    ax.imshow(image, interpolation="nearest")
+    if np.size(image):
+      ax.imshow(image, interpolation="nearest")
     ax.set_title("\n".join(textwrap.fill(t, wrap) for t in text), fontsize=6.5, loc="left")
   fig.savefig(path, dpi=100)
   plt.close(fig)

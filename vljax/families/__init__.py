@@ -5,14 +5,15 @@ and model fields), a line in FAMILIES, and configs; see the README's worked exam
 """
 from __future__ import annotations
 
-from vljax.families import coca, two_tower
+from vljax.families import coca, lm, two_tower
 from vljax.families.base import (PREDICT_FUNCTIONS, Bound, Family, bind, build_model,
                                  model_config, normalize_images)
 
 __all__ = ["FAMILIES", "PREDICT_FUNCTIONS", "Bound", "Family", "bind", "build_model",
            "get_family", "model_config", "normalize_images"]
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (two_tower.FAMILY, coca.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    two_tower.FAMILY, coca.FAMILY, lm.LM_FAMILY, lm.T5_FAMILY)}
 
 
 def get_family(name: str) -> Family:

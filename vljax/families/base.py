@@ -41,10 +41,11 @@ from vljax.losses.contrastive import sigmoid_loss, softmax_loss
 PREDICT_FUNCTIONS: dict[str, str] = {
     "embed_images": "{'image'} -> L2-normalised image embeddings [N, D]",
     "embed_texts": "{'text'} -> L2-normalised text embeddings [N, D]",
-    "generate": "{'image', 'text' (right-padded prompt), 'prompt_len'}, max_new_tokens -> int32 "
-                "[N, max_new_tokens] generated tokens, pad after EOS",
-    "token_nll": "{'image', 'text', 'mask_loss'} -> {'nll': summed negative log-likelihood of "
-                 "the scored tokens [N], 'tokens': their number [N]}",
+    "generate": "{'image' (families that see one), 'text' (right-padded prompt), 'prompt_len'}, "
+                "max_new_tokens -> int32 [N, max_new_tokens] generated tokens, pad after EOS",
+    "token_nll": "{'image' (families that see one), 'text', 'mask_ar', 'mask_loss'} -> {'nll': "
+                 "summed negative log-likelihood of the scored tokens [N], 'tokens': their "
+                 "number [N], optionally 'correct': how many of them are the argmax [N]}",
 }
 # Batch fields holding uint8 images; `Bound.prepare` normalises them.
 IMAGE_FIELDS = ("image", "images", "frames")

@@ -27,7 +27,7 @@ family code; `generate` captions images, optionally continuing a prompt.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -120,8 +120,10 @@ class CoCa(nn.Module):
     self.pos_embedding = LearnedPosEmbed(self.max_len + 1, init_std=0.01)
     self.cls = self.param("cls", partitioned(nn.initializers.normal(0.01), (None, None, "embed")),
                           (1, 1, width), jnp.float32)
+    # cache_context: decoding projects the captioning features to keys / values once.
     block = BlockConfig(s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
-                        norm_eps=self.norm_eps, decode=self.decode, dtype=self.dtype)
+                        norm_eps=self.norm_eps, decode=self.decode, cache_context=True,
+                        dtype=self.dtype)
     stack_kw = dict(block=block, scan=self.scan, remat=self.remat)
     self.unimodal = Transformer(s["unimodal_depth"], final_norm=False, **stack_kw)
     self.cls_norm = LayerNorm(self.norm_eps, dtype=self.dtype)
@@ -158,24 +160,30 @@ class CoCa(nn.Module):
     x_btd = self.unimodal(x_btd, mask, deterministic=not train)
     return self.cls_norm(x_btd[:, -1]), x_btd[:, :-1]
 
-  def caption_logits(self, text_btd: jax.Array, caption_bnd: jax.Array,
+  def caption_logits(self, text_btd: jax.Array, caption_bnd: jax.Array | None,
                      mask: jax.Array | None = None, train: bool = False,
-                     hidden: bool = False) -> jax.Array:
+                     hidden: bool = False, positions_bt: jax.Array | None = None) -> jax.Array:
     """Multimodal decoder (final LayerNorm included) and the vocabulary projection; with `hidden`
     the decoder output [B, T, W] before the projection."""
-    x_btd = self.multimodal(text_btd, mask, caption_bnd, None, deterministic=not train)
-    if hidden:
-      return x_btd
+    x_btd = self.multimodal(text_btd, mask, caption_bnd, None, deterministic=not train,
+                            positions_bt=positions_bt)
+    return x_btd if hidden else self.vocab_logits(x_btd)
+
+  def vocab_logits(self, x_btd: jax.Array) -> jax.Array:
+    """The vocabulary projection [B, T, V] of multimodal decoder outputs."""
     if self.tied_output:
       return self.token_embedding.attend(x_btd)
     return self.head(x_btd)
 
-  def decode_step(self, tokens_bt: jax.Array, caption_bnd: jax.Array,
-                  position: jax.Array | int) -> jax.Array:
-    """With decode=True: feeds tokens at `position`.. through both decoders (no CLS), updating
-    the KV caches, and returns their next-token logits [B, T, V]."""
-    x_btd = self.pos_embedding(self.token_embedding(tokens_bt), offset=position)
-    return self.caption_logits(self.unimodal(x_btd), caption_bnd)
+  def decode_step(self, tokens_bt: jax.Array, caption_bnd: jax.Array | None,
+                  positions_bt: jax.Array, hidden: bool = False) -> jax.Array:
+    """With decode=True: feeds tokens at each row's `positions_bt` (int [B, T], also their KV
+    cache slots) through both decoders (no CLS) and returns their next-token logits [B, T, V]
+    (with `hidden`, the decoder outputs). The captioning features are projected to the
+    cross-attention keys and values when given, and read from the cache when None."""
+    x_btd = self.pos_embedding(self.token_embedding(tokens_bt), positions_bt=positions_bt)
+    return self.caption_logits(self.unimodal(x_btd, positions_bt=positions_bt), caption_bnd,
+                               hidden=hidden, positions_bt=positions_bt)
 
   def _embed(self, features_bd: jax.Array, proj: str) -> jax.Array:
     if self.embed_dim is not None:
@@ -213,8 +221,9 @@ class CoCa(nn.Module):
 
 
 def init_decode(model: CoCa, params, images_bhwc: jax.Array, max_len: int) -> dict:
-  """The `vljax.decode` cache for captioning `images`: their captioning features [B, N, W] and
-  empty KV caches of both decoders holding `max_len` positions, every leaf batch-first."""
+  """The empty `vljax.decode` cache for captioning `images` (KV caches of both decoders holding
+  `max_len` positions and the cross-attention keys / values, every leaf batch-first), and the
+  images' captioning features [B, N, W] that `prefill` projects into it."""
   if max_len > model.max_len:
     raise ValueError(f"cache length {max_len} exceeds the model's max_len {model.max_len}")
   caption_bnd = model.apply({"params": params}, images_bhwc,
@@ -223,38 +232,60 @@ def init_decode(model: CoCa, params, images_bhwc: jax.Array, max_len: int) -> di
 
   def declare(params, caption_bnd):
     tokens_bt = jnp.zeros((caption_bnd.shape[0], max_len), jnp.int32)
-    _, variables = decoder.apply({"params": params}, tokens_bt, caption_bnd, 0,
-                                 method=CoCa.decode_step, mutable=["cache"])
+    _, variables = decoder.apply({"params": params}, tokens_bt, caption_bnd,
+                                 jnp.arange(max_len)[None], method=CoCa.decode_step,
+                                 mutable=["cache"])
     return variables["cache"]
 
-  # A cache starts as zeros with index 0, so only its shapes are needed.
+  # A cache starts as zeros, so only its shapes are needed.
   shapes = jax.eval_shape(declare, params, caption_bnd)
   kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   return {"kv": decode.batch_major_cache(kv, model.scan), "caption_features": caption_bnd}
 
 
+def prefill(model: CoCa, params, cache: Mapping, prompt_bl: jax.Array,
+            prompt_len_b: jax.Array | None = None) -> decode.Prefilled:
+  """One parallel pass of both decoders over right-padded prompts [B, P] (BOS first; lengths
+  `prompt_len_b`, default all P) that fills the cache from `init_decode`, projecting the
+  captioning features to cross-attention keys and values once."""
+  prompt_bl = jnp.asarray(prompt_bl, jnp.int32)
+  batch, prompt_len = prompt_bl.shape
+  prompt_len_b = decode.prompt_lengths(prompt_bl, prompt_len_b)
+  decoder = model.clone(decode=True)
+  variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
+  hidden_bld, mutated = decoder.apply(
+      variables, prompt_bl, cache["caption_features"],
+      jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len)), hidden=True,
+      method=CoCa.decode_step, mutable=["cache"])
+  last_b1d = decode.last_prompt_logits(hidden_bld, prompt_len_b)[:, None]
+  logits_bv = decoder.apply({"params": params}, last_b1d, method=CoCa.vocab_logits)[:, 0]
+  # The features now live in the cache as keys and values; beams need not carry them.
+  return decode.Prefilled(
+      logits_bv, {"kv": decode.batch_major_cache(mutated["cache"], model.scan)}, prompt_len_b)
+
+
 def decode_step_fn(model: CoCa, params) -> decode.StepFn:
-  """`step_fn(tokens_b, cache, position) -> (logits_bv, cache)` for vljax.decode, from a cache
-  made by `init_decode`."""
+  """`step_fn(tokens_b, cache, positions_b) -> (logits_bv, cache)` for vljax.decode, from a
+  cache that `prefill` filled."""
   decoder = model.clone(decode=True)
 
-  def step_fn(tokens_b, cache, position):
+  def step_fn(tokens_b, cache, positions_b):
     variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
-    logits_b1v, mutated = decoder.apply(variables, tokens_b[:, None], cache["caption_features"],
-                                        position, method=CoCa.decode_step, mutable=["cache"])
-    new_cache = {"kv": decode.batch_major_cache(mutated["cache"], model.scan),
-                 "caption_features": cache["caption_features"]}
-    return logits_b1v[:, 0], new_cache
+    logits_b1v, mutated = decoder.apply(variables, tokens_b[:, None], None,
+                                        positions_b[:, None], method=CoCa.decode_step,
+                                        mutable=["cache"])
+    return logits_b1v[:, 0], {"kv": decode.batch_major_cache(mutated["cache"], model.scan)}
 
   return step_fn
 
 
 def generate(model: CoCa, params, images_bhwc: jax.Array, *, max_new_tokens: int, bos_id: int,
-             eos_id: int, pad_id: int | None = None, beam_size: int = 1,
+             eos_id: int | Sequence[int], pad_id: int | None = None, beam_size: int = 1,
              length_penalty: float = 0.0, prompt_bl: jax.Array | None = None,
-             prompt_len_b: jax.Array | None = None) -> jax.Array:
-  """Captions int32 [B, max_new_tokens] for normalised images: greedy (beam_size 1) or the best
-  beam; pad_id after EOS.
+             prompt_len_b: jax.Array | None = None, rng: jax.Array | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Captions int32 [B, max_new_tokens] for normalised images (pad_id after the stop token):
+  greedy by default, the best of `beam_size` > 1 beams, or, given `rng`, sampled.
 
   Decoding continues after a prompt: `prompt_bl`, int32 [B, P] starting with BOS, right-padded,
   with per-example lengths `prompt_len_b` (default: all P); without one, after BOS alone. The
@@ -268,13 +299,10 @@ def generate(model: CoCa, params, images_bhwc: jax.Array, *, max_new_tokens: int
   if prompt_bl.ndim != 2 or prompt_bl.shape[0] != images_bhwc.shape[0]:
     raise ValueError(f"prompt_bl must be [batch, length] with the images' batch "
                      f"{images_bhwc.shape[0]}, got shape {prompt_bl.shape}")
-  prompt_bl = jnp.asarray(prompt_bl, jnp.int32)
   cache = init_decode(model, params, images_bhwc,
                       decode.cache_length(prompt_bl.shape[1], max_new_tokens))
-  step_fn = decode_step_fn(model, params)
-  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            prompt_len_b=prompt_len_b)
-  if beam_size == 1:
-    return decode.greedy(step_fn, cache, prompt_bl, **kw).tokens_bn
-  return decode.beam_search(step_fn, cache, prompt_bl, beam_size=beam_size,
-                            length_penalty=length_penalty, **kw).best().tokens_bn
+  start = prefill(model, params, cache, prompt_bl, prompt_len_b)
+  return decode.run(decode_step_fn(model, params), start, max_new_tokens=max_new_tokens,
+                    eos_id=eos_id, pad_id=pad_id, beam_size=beam_size,
+                    length_penalty=length_penalty, rng=rng, temperature=temperature,
+                    top_k=top_k, top_p=top_p)

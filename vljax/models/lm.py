@@ -20,12 +20,14 @@ A bridge (LLaVA, BLIP-2) builds inputs with `embed`, splices its own vectors in 
 `embeds_btd`. `mask` is a boolean [B, 1, T, T] attention mask (`vljax.nn.masks.attention_mask`
 gives causal, prefix-LM and padding masks; default causal) and `positions_bt` the position of
 each token (default 0..T-1; left-padded prompts pass cumsum(valid) - 1). Generation runs with
-a KV cache: `init_cache`, `decode_step_fn` and `generate`, as `vljax.models.coca` does.
+a KV cache: `init_cache`, then `prefill` (the whole prompt, token ids or embeddings, ragged
+lengths, in one parallel pass; cross-attention keys and values computed once), then the
+`vljax.decode` decoders over `decode_step_fn`; `generate` does all three.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -151,7 +153,8 @@ class LM(nn.Module):
         c["num_heads"], c["mlp_dim"], act=c["act"], dropout=self.dropout, norm_eps=c["norm_eps"],
         rms_norm=c["norm"] == "rms", decode=self.decode, num_kv_heads=c["num_kv_heads"],
         head_dim=c["head_dim"], rope_base=c["rope_base"] if c["positions"] == "rotary" else None,
-        gated_mlp=c["gated_mlp"], use_bias=c["use_bias"], **kw)
+        gated_mlp=c["gated_mlp"], use_bias=c["use_bias"],
+        cache_context=self.cross_attention_every > 0, **kw)
     self.decoder = Transformer(c["depth"], block, cross_attention=self.cross_attention_every > 0,
                                cross_attention_every=max(self.cross_attention_every, 1),
                                scan=self.scan, remat=self.remat)
@@ -166,11 +169,13 @@ class LM(nn.Module):
   def __call__(self, tokens_bt: jax.Array | None = None, *, embeds_btd: jax.Array | None = None,
                mask: jax.Array | None = None, positions_bt: jax.Array | None = None,
                context_bsd: jax.Array | None = None, context_mask: jax.Array | None = None,
-               train: bool = False) -> dict[str, jax.Array]:
+               train: bool = False, hidden_only: bool = False) -> dict[str, jax.Array]:
     """Token ids [B, T] or input embeddings [B, T, D] -> {"logits": [B, T, V], "hidden": [B, T, D]}.
 
-    The logits at t predict token t + 1. With decode=True the tokens continue the cached ones,
-    at `positions_bt` (required), and `mask` defaults to causal over the cache.
+    The logits at t predict token t + 1. With decode=True the tokens go to each row's
+    `positions_bt` (required; also their KV cache slots), `mask` defaults to causal over the
+    cache, and the cross-attention context is projected when given and read from the cache
+    when not. `hidden_only` skips the vocabulary projection (see `logits`).
     """
     c = self.config()
     if (tokens_bt is None) == (embeds_btd is None):
@@ -197,11 +202,15 @@ class LM(nn.Module):
                        "(cross_attention_every=0)")
     hidden_btd = self.decoder(x_btd, mask, context_bsd, context_mask, deterministic=not train,
                               positions_bt=positions_bt)
-    if c["tied_head"]:
-      logits_btv = self.token_embedding.attend(hidden_btd)
-    else:
-      logits_btv = self.head(hidden_btd)
-    return {"logits": logits_btv, "hidden": hidden_btd}
+    if hidden_only:
+      return {"hidden": hidden_btd}
+    return {"logits": self.logits(hidden_btd), "hidden": hidden_btd}
+
+  def logits(self, hidden_btd: jax.Array) -> jax.Array:
+    """The vocabulary projection [B, T, V] of final hidden states (tied or not)."""
+    if self.config()["tied_head"]:
+      return self.token_embedding.attend(hidden_btd)
+    return self.head(hidden_btd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,43 +218,72 @@ class LM(nn.Module):
 
 
 def init_cache(model: LM, params, batch_size: int, max_len: int, *,
-               context_bsd: jax.Array | None = None,
-               context_mask: jax.Array | None = None) -> dict:
-  """The `vljax.decode` cache of `model` for `max_len` positions: empty KV caches (every leaf
-  batch-first) and the cross-attention context, if any."""
+               context_bsd: jax.Array | None = None) -> dict:
+  """The empty `vljax.decode` cache of `model` for `max_len` positions (every leaf batch-first):
+  self-attention KV caches and, with cross-attention (shapes from `context_bsd`), the slots of
+  every cross-attending layer's context keys and values, which `prefill` fills once."""
   c = model.config()
   if c["positions"] == "learned" and max_len > c["max_len"]:
     raise ValueError(f"cache length {max_len} exceeds the model's max_len {c['max_len']}")
+  if (context_bsd is None) != (model.cross_attention_every == 0):
+    raise ValueError("give context_bsd exactly when the LM has cross-attention "
+                     f"(cross_attention_every={model.cross_attention_every})")
   decoder = model.clone(decode=True)
 
   def declare(params):
     tokens_bt = jnp.zeros((batch_size, max_len), jnp.int32)
     _, variables = decoder.apply({"params": params}, tokens_bt,
                                  positions_bt=jnp.arange(max_len)[None], context_bsd=context_bsd,
-                                 context_mask=context_mask, mutable=["cache"])
+                                 hidden_only=True, mutable=["cache"])
     return variables["cache"]
 
-  # A cache starts as zeros with index 0, so only its shapes are needed.
+  # A cache starts as zeros, so only its shapes are needed.
   kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(declare, params))
   cache = {"kv": decode.batch_major_cache(kv, model.scan)}
   if context_bsd is not None:
-    cache["context"] = context_bsd
-  if context_mask is not None:
-    cache["context_mask"] = jnp.broadcast_to(
-        context_mask, (batch_size,) + tuple(jnp.shape(context_mask)[1:]))
+    cache["context_mask"] = jnp.ones((batch_size, 1, 1, context_bsd.shape[1]), bool)
   return cache
 
 
+def prefill(model: LM, params, cache: Mapping, tokens_bt: jax.Array | None = None, *,
+            embeds_btd: jax.Array | None = None, prompt_len_b: jax.Array | None = None,
+            context_bsd: jax.Array | None = None,
+            context_mask: jax.Array | None = None) -> decode.Prefilled:
+  """One parallel pass over right-padded prompts (token ids [B, P] or embeddings [B, P, D],
+  e.g. image tokens spliced into text; lengths `prompt_len_b`, default all P) that fills the
+  empty `cache` from `init_cache`: every layer's keys and values at positions 0..P-1 and the
+  cross-attention context's keys and values (once per sequence). Returns the logits after each
+  row's prompt, ready for the `vljax.decode` decoders."""
+  x = tokens_bt if embeds_btd is None else embeds_btd
+  batch, prompt_len = x.shape[:2]
+  prompt_len_b = decode.prompt_lengths(x, prompt_len_b)
+  decoder = model.clone(decode=True)
+  variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
+  if context_mask is not None:  # [B, S] validity or a full [B, 1, 1|T, S] mask
+    context_mask = jnp.asarray(context_mask, bool)
+    if context_mask.ndim == 2:
+      context_mask = context_mask[:, None, None, :]
+    context_mask = jnp.broadcast_to(context_mask, cache["context_mask"].shape)
+  out, mutated = decoder.apply(
+      variables, tokens_bt, embeds_btd=embeds_btd,
+      positions_bt=jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len)),
+      context_bsd=context_bsd, context_mask=context_mask, hidden_only=True, mutable=["cache"])
+  last_b1d = decode.last_prompt_logits(out["hidden"], prompt_len_b)[:, None]
+  logits_bv = decoder.apply({"params": params}, last_b1d, method=LM.logits)[:, 0]
+  new_cache = {**cache, "kv": decode.batch_major_cache(mutated["cache"], model.scan)}
+  if context_mask is not None:
+    new_cache["context_mask"] = context_mask
+  return decode.Prefilled(logits_bv, new_cache, prompt_len_b)
+
+
 def decode_step_fn(model: LM, params) -> decode.StepFn:
-  """`step_fn(tokens_b, cache, position) -> (logits_bv, cache)` for vljax.decode, from a cache
-  made by `init_cache`."""
+  """`step_fn(tokens_b, cache, positions_b) -> (logits_bv, cache)` for vljax.decode, from a
+  cache that `prefill` (or `decode.feed_prompt` through this step function) filled."""
   decoder = model.clone(decode=True)
 
-  def step_fn(tokens_b, cache, position):
+  def step_fn(tokens_b, cache, positions_b):
     variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
-    positions_b1 = jnp.full((tokens_b.shape[0], 1), position, jnp.int32)
-    out, mutated = decoder.apply(variables, tokens_b[:, None], positions_bt=positions_b1,
-                                 context_bsd=cache.get("context"),
+    out, mutated = decoder.apply(variables, tokens_b[:, None], positions_bt=positions_b[:, None],
                                  context_mask=cache.get("context_mask"), mutable=["cache"])
     return out["logits"][:, 0], {**cache, "kv": decode.batch_major_cache(mutated["cache"],
                                                                          model.scan)}
@@ -253,22 +291,30 @@ def decode_step_fn(model: LM, params) -> decode.StepFn:
   return step_fn
 
 
-def generate(model: LM, params, prompt_bl: jax.Array, *, max_new_tokens: int, eos_id: int,
-             pad_id: int = 0, prompt_len_b: jax.Array | None = None, beam_size: int = 1,
-             length_penalty: float = 0.0, context_bsd: jax.Array | None = None,
-             context_mask: jax.Array | None = None) -> jax.Array:
-  """Continuations int32 [B, max_new_tokens] of right-padded prompts [B, P] with lengths
-  `prompt_len_b` (default all P): greedy (beam_size 1) or the best beam; pad_id after EOS."""
-  prompt_bl = jnp.asarray(prompt_bl, jnp.int32)
-  cache = init_cache(model, params, prompt_bl.shape[0],
-                     decode.cache_length(prompt_bl.shape[1], max_new_tokens),
-                     context_bsd=context_bsd, context_mask=context_mask)
-  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, prompt_len_b=prompt_len_b)
-  step_fn = decode_step_fn(model, params)
-  if beam_size == 1:
-    return decode.greedy(step_fn, cache, prompt_bl, **kw).tokens_bn
-  return decode.beam_search(step_fn, cache, prompt_bl, beam_size=beam_size,
-                            length_penalty=length_penalty, **kw).best().tokens_bn
+def generate(model: LM, params, prompt_bl: jax.Array | None = None, *,
+             embeds_bld: jax.Array | None = None, prompt_len_b: jax.Array | None = None,
+             max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int = 0,
+             beam_size: int = 1, length_penalty: float = 0.0,
+             context_bsd: jax.Array | None = None, context_mask: jax.Array | None = None,
+             rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0) -> jax.Array:
+  """Continuations int32 [B, max_new_tokens] (pad_id after the stop token) of right-padded
+  prompts, token ids [B, P] or embeddings [B, P, D], with lengths `prompt_len_b` (default all
+  P), prefilled in one pass: greedy by default, the best of `beam_size` > 1 beams, or, given
+  `rng`, sampled (temperature, top_k, top_p)."""
+  x = prompt_bl if embeds_bld is None else embeds_bld
+  if x is None:
+    raise ValueError("give prompt_bl (token ids) or embeds_bld (input embeddings)")
+  if prompt_bl is not None:
+    prompt_bl = jnp.asarray(prompt_bl, jnp.int32)
+  cache = init_cache(model, params, x.shape[0], decode.cache_length(x.shape[1], max_new_tokens),
+                     context_bsd=context_bsd)
+  start = prefill(model, params, cache, prompt_bl, embeds_btd=embeds_bld,
+                  prompt_len_b=prompt_len_b, context_bsd=context_bsd, context_mask=context_mask)
+  return decode.run(decode_step_fn(model, params), start, max_new_tokens=max_new_tokens,
+                    eos_id=eos_id, pad_id=pad_id, beam_size=beam_size,
+                    length_penalty=length_penalty, rng=rng, temperature=temperature,
+                    top_k=top_k, top_p=top_p)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ buckets in the encoder, causal in the decoder), one table per stack shared by al
 "hidden": [B, T, D]}. The encoder may instead take embeddings (`encoder_embeds_bsd`: BLIP-2's or
 PaLI's visual prefix) and a padding mask (`encoder_mask_bs`, True for real positions; default
 all real). Decoder inputs start with `decoder_start_id` (T5: the pad id 0) and attend causally.
-Generation (`init_cache`, `decode_step_fn`, `generate`) keeps a KV cache for decoder
-self-attention and projects the encoder output to each layer's cross-attention keys and values
-once per sequence, when the cache is made.
+Generation (`init_cache`, `prefill`, `decode_step_fn`, `generate`) keeps a KV cache for decoder
+self-attention; the prefill pass over the decoder prompt projects the encoder output to each
+layer's cross-attention keys and values, once per sequence.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -93,29 +93,31 @@ class T5Stack(nn.Module):
                              remat=self.remat)
     nn.share_scope(self, self.stack)
 
-  def _cache_position(self) -> tuple[jax.Array, int] | None:
-    """(index of the next position, cache length) of the decode KV cache; None before the
-    cache exists (the call that makes it attends to its own tokens only)."""
+  def _cache_length(self) -> int | None:
+    """Length of the decode KV cache; None before it exists (the call that makes it attends to
+    its own tokens only)."""
     cache = self.variables.get("cache", {})
     layer = cache.get("layers" if self.scan else "layer_0", {})
     attention = layer.get("self_attn", {})
     if "cached_key" not in attention:
       return None
-    if self.scan:  # [depth, B, L, H, K] and one index per layer
-      return attention["cache_index"][0], attention["cached_key"].shape[2]
-    return attention["cache_index"], attention["cached_key"].shape[1]
+    return attention["cached_key"].shape[2 if self.scan else 1]  # scanned: [depth, B, L, ..]
 
   def __call__(self, x_btd: jax.Array, mask: jax.Array | None = None,
                context_bsd: jax.Array | None = None, context_mask: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, positions_bt: jax.Array | None = None) -> jax.Array:
+    """`positions_bt` (int [B, T], decode only): each row's positions of the new tokens, which
+    are also their KV cache slots; the relative bias is then taken against every cache slot."""
     length = x_btd.shape[1]
     query_positions, key_positions = jnp.arange(length), jnp.arange(length)
-    if self.block.decode and (position := self._cache_position()) is not None:
-      start, cache_length = position
-      query_positions, key_positions = start + jnp.arange(length), jnp.arange(cache_length)
-    bias_1hqk = self.relative_bias(query_positions, key_positions)
+    if self.block.decode:
+      if positions_bt is None:
+        raise ValueError("a decode=True T5 decoder needs positions_bt")
+      if (cache_length := self._cache_length()) is not None:
+        query_positions, key_positions = positions_bt, jnp.arange(cache_length)
+    bias_bhqk = self.relative_bias(query_positions, key_positions)
     return self.stack(x_btd, mask, context_bsd, context_mask, deterministic=deterministic,
-                      attention_bias=bias_1hqk)
+                      positions_bt=positions_bt, attention_bias=bias_bhqk)
 
 
 class T5(nn.Module):
@@ -202,18 +204,20 @@ class T5(nn.Module):
                     encoder_out_bsd: jax.Array | None = None,
                     encoder_mask_bs: jax.Array | None = None, *,
                     decoder_embeds_btd: jax.Array | None = None, train: bool = False,
-                    hidden: bool = False) -> jax.Array:
+                    hidden: bool = False, positions_bt: jax.Array | None = None) -> jax.Array:
     """Decoder over ids [B, T] (or embeddings [B, T, D]) attending causally to itself and to
     the encoder output -> next-token logits [B, T, V] (with `hidden`, the decoder output
-    [B, T, D]). With decode=True the tokens continue the cached ones and `encoder_out_bsd` may
-    be None once the cache holds its cross-attention keys and values (see init_cache)."""
+    [B, T, D]). With decode=True the tokens go to each row's `positions_bt` (int [B, T]) and
+    `encoder_out_bsd` may be None once the cache holds its cross-attention keys and values
+    (see prefill)."""
     if encoder_out_bsd is None and not self.decode:
       raise ValueError("the decoder needs the encoder output")
     x_btd = self.drop(self._inputs(decoder_tokens_bt, decoder_embeds_btd, "decoder"),
                       deterministic=not train)
     mask = None if self.decode else causal_mask(x_btd.shape[1])
     context_mask = None if encoder_mask_bs is None else padding_mask(encoder_mask_bs)
-    x_btd = self.decoder(x_btd, mask, encoder_out_bsd, context_mask, deterministic=not train)
+    x_btd = self.decoder(x_btd, mask, encoder_out_bsd, context_mask, deterministic=not train,
+                         positions_bt=positions_bt)
     x_btd = self.drop(x_btd, deterministic=not train)
     return x_btd if hidden else self.logits(x_btd)
 
@@ -249,73 +253,79 @@ class T5(nn.Module):
 # Generation with a KV cache.
 
 
-def _batch_major(cache: Mapping, scanned: bool) -> dict:
-  """A scanned decoder's cache leaves [depth, B, ...] -> [B, depth, ...] and its per-layer
-  cache indices [depth] -> one scalar (the layers advance together); see vljax.decode."""
-  if not scanned:
-    return dict(cache)
-  return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1) if x.ndim >= 2 else x[0], dict(cache))
-
-
-def _layer_major(cache: Mapping, scanned: bool, depth: int) -> dict:
-  """The inverse of `_batch_major`: the layout the scanned modules read and write."""
-  if not scanned:
-    return dict(cache)
-  return jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0) if x.ndim >= 2 else
-                      jnp.broadcast_to(x, (depth,)), dict(cache))
-
-
-def init_cache(model: T5, params, encoder_out_bsd: jax.Array,
-               encoder_mask_bs: jax.Array | None = None, *, max_len: int) -> dict:
-  """The `vljax.decode` cache for decoding `max_len` positions against an encoded batch: empty
-  self-attention KV caches, every decoder layer's cross-attention keys and values of
-  `encoder_out_bsd` (projected here, once per sequence) and the encoder mask; batch-first."""
-  batch, source_len = encoder_out_bsd.shape[:2]
-  if encoder_mask_bs is None:
-    encoder_mask_bs = jnp.ones((batch, source_len), bool)
-  encoder_mask_bs = jnp.asarray(encoder_mask_bs, bool)
+def init_cache(model: T5, params, encoder_out_bsd: jax.Array, *, max_len: int) -> dict:
+  """The empty `vljax.decode` cache (every leaf batch-first) for decoding `max_len` positions
+  against an encoded batch: decoder self-attention KV caches and every decoder layer's
+  cross-attention keys and values, which `prefill` computes once per sequence."""
+  batch = encoder_out_bsd.shape[0]
   decoder = model.clone(decode=True)
 
-  def run(variables, tokens_bt):
-    _, mutated = decoder.apply(variables, tokens_bt, encoder_out_bsd, encoder_mask_bs,
-                               method=T5.decode_logits, mutable=["cache"])
+  def declare(params):
+    tokens_bt = jnp.zeros((batch, max_len), jnp.int32)
+    _, mutated = decoder.apply({"params": params}, tokens_bt, encoder_out_bsd,
+                               positions_bt=jnp.arange(max_len)[None], method=T5.decode_logits,
+                               mutable=["cache"])
     return mutated["cache"]
 
-  # Shapes only: a cache starts as zeros with index 0.
-  shapes = jax.eval_shape(lambda p: run({"params": p}, jnp.zeros((batch, max_len), jnp.int32)),
-                          params)
-  empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  # Zero new tokens with the encoder output: only the cross-attention keys and values are
-  # computed and stored; the self-attention caches stay empty.
-  kv = run({"params": params, "cache": empty}, jnp.zeros((batch, 0), jnp.int32))
-  return {"kv": _batch_major(kv, model.scan), "encoder_mask": encoder_mask_bs}
+  # Shapes only: a cache starts as zeros.
+  shapes = jax.eval_shape(declare, params)
+  kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return {"kv": decode.batch_major_cache(kv, model.scan),
+          "encoder_mask": jnp.ones(encoder_out_bsd.shape[:2], bool)}
+
+
+def prefill(model: T5, params, cache: Mapping, encoder_out_bsd: jax.Array,
+            encoder_mask_bs: jax.Array | None, prompt_bl: jax.Array,
+            prompt_len_b: jax.Array | None = None) -> decode.Prefilled:
+  """One parallel decoder pass over right-padded decoder prompts [B, P] (`decoder_start_id`,
+  then any forced prefix; lengths `prompt_len_b`, default all P): fills the self-attention KV
+  cache, projects the encoder output to every layer's cross-attention keys and values (once
+  per sequence) and returns the logits after each row's prompt."""
+  prompt_bl = jnp.asarray(prompt_bl, jnp.int32)
+  batch, prompt_len = prompt_bl.shape
+  if encoder_mask_bs is None:
+    encoder_mask_bs = jnp.ones(encoder_out_bsd.shape[:2], bool)
+  encoder_mask_bs = jnp.asarray(encoder_mask_bs, bool)
+  prompt_len_b = decode.prompt_lengths(prompt_bl, prompt_len_b)
+  decoder = model.clone(decode=True)
+  variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
+  hidden_bld, mutated = decoder.apply(
+      variables, prompt_bl, encoder_out_bsd, encoder_mask_bs,
+      positions_bt=jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len)),
+      method=T5.decode_logits, hidden=True, mutable=["cache"])
+  last_bd = decode.last_prompt_logits(hidden_bld, prompt_len_b)
+  logits_bv = decoder.apply({"params": params}, last_bd[:, None], method=T5.logits)[:, 0]
+  new_cache = {"kv": decode.batch_major_cache(mutated["cache"], model.scan),
+               "encoder_mask": encoder_mask_bs}
+  return decode.Prefilled(logits_bv, new_cache, prompt_len_b)
 
 
 def decode_step_fn(model: T5, params) -> decode.StepFn:
-  """`step_fn(tokens_b, cache, position) -> (logits_bv, cache)` for vljax.decode, from a cache
-  made by `init_cache` (which tracks the position itself)."""
+  """`step_fn(tokens_b, cache, positions_b) -> (logits_bv, cache)` for vljax.decode, from a
+  cache that `prefill` filled."""
   decoder = model.clone(decode=True)
-  depth = model.config()["depth_decoder"]
 
-  def step_fn(tokens_b, cache, position):
-    del position  # the self-attention caches count the positions fed
-    variables = {"params": params, "cache": _layer_major(cache["kv"], model.scan, depth)}
+  def step_fn(tokens_b, cache, positions_b):
+    variables = {"params": params, "cache": decode.layer_major_cache(cache["kv"], model.scan)}
     logits_b1v, mutated = decoder.apply(variables, tokens_b[:, None], None,
-                                        cache["encoder_mask"], method=T5.decode_logits,
-                                        mutable=["cache"])
-    return logits_b1v[:, 0], {**cache, "kv": _batch_major(mutated["cache"], model.scan)}
+                                        cache["encoder_mask"], positions_bt=positions_b[:, None],
+                                        method=T5.decode_logits, mutable=["cache"])
+    return logits_b1v[:, 0], {**cache, "kv": decode.batch_major_cache(mutated["cache"],
+                                                                      model.scan)}
 
   return step_fn
 
 
 def generate(model: T5, params, tokens_bs: jax.Array | None = None, *,
              embeds_bsd: jax.Array | None = None, mask_bs: jax.Array | None = None,
-             max_new_tokens: int, decoder_start_id: int = 0, eos_id: int = 1, pad_id: int = 0,
-             beam_size: int = 1, length_penalty: float = 0.0,
-             prompt_bl: jax.Array | None = None,
-             prompt_len_b: jax.Array | None = None) -> jax.Array:
+             max_new_tokens: int, decoder_start_id: int = 0,
+             eos_id: int | Sequence[int] = 1, pad_id: int = 0, beam_size: int = 1,
+             length_penalty: float = 0.0, prompt_bl: jax.Array | None = None,
+             prompt_len_b: jax.Array | None = None, rng: jax.Array | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Outputs int32 [B, max_new_tokens] for encoder ids [B, S] (or embeddings [B, S, D]) with
-  padding mask `mask_bs`: greedy (beam_size 1) or the best beam; pad_id after EOS.
+  padding mask `mask_bs`; pad_id after the stop token. Greedy by default; the best of
+  `beam_size` > 1 beams; or, given `rng`, sampled (temperature, top_k, top_p).
 
   The decoder starts from `decoder_start_id` (T5: the pad id 0), or continues a forced prefix
   `prompt_bl` [B, P] that starts with it (right-padded, lengths `prompt_len_b`); the prefix is
@@ -332,15 +342,13 @@ def generate(model: T5, params, tokens_bs: jax.Array | None = None, *,
   if prompt_bl.ndim != 2 or prompt_bl.shape[0] != batch:
     raise ValueError(f"prompt_bl must be [batch, length] with the encoder's batch {batch}, "
                      f"got shape {prompt_bl.shape}")
-  cache = init_cache(model, params, encoder_out_bsd, mask_bs,
+  cache = init_cache(model, params, encoder_out_bsd,
                      max_len=decode.cache_length(prompt_bl.shape[1], max_new_tokens))
-  step_fn = decode_step_fn(model, params)
-  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            prompt_len_b=prompt_len_b)
-  if beam_size == 1:
-    return decode.greedy(step_fn, cache, prompt_bl, **kw).tokens_bn
-  return decode.beam_search(step_fn, cache, prompt_bl, beam_size=beam_size,
-                            length_penalty=length_penalty, **kw).best().tokens_bn
+  start = prefill(model, params, cache, encoder_out_bsd, mask_bs, prompt_bl, prompt_len_b)
+  return decode.run(decode_step_fn(model, params), start, max_new_tokens=max_new_tokens,
+                    eos_id=eos_id, pad_id=pad_id, beam_size=beam_size,
+                    length_penalty=length_penalty, rng=rng, temperature=temperature,
+                    top_k=top_k, top_p=top_p)
 
 
 # ---------------------------------------------------------------------------------------------

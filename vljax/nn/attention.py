@@ -149,14 +149,14 @@ class MultiHeadAttention(nn.Module):
       k_bkhd = constrain(proj("key", x_kv, num_kv_heads), ("batch", "seq", "act_heads", None))
       v_bkhd = constrain(proj("value", x_kv, num_kv_heads), ("batch", "seq", "act_heads", None))
 
+    if self.decode and not self.cache_context and is_self and positions_bt is None:
+      raise ValueError("decode-mode self-attention needs positions_bt: the KV cache slot of "
+                       "each new token is its position")
     if self.rope_base is not None:
       if not is_self:
         raise ValueError("rotary embeddings are for self-attention; cross-attention has none")
       if positions_bt is None:
-        start = 0
-        if self.decode and self.has_variable("cache", "cache_index"):
-          start = self.get_variable("cache", "cache_index")
-        positions_bt = start + jnp.arange(x_q.shape[1])[None, :]
+        positions_bt = jnp.arange(x_q.shape[1])[None, :]
       positions_bt = jnp.broadcast_to(positions_bt, x_q.shape[:2])
       q_bqhd = apply_rotary(q_bqhd, positions_bt, self.rope_base)
       k_bkhd = apply_rotary(k_bkhd, positions_bt, self.rope_base)
@@ -165,7 +165,7 @@ class MultiHeadAttention(nn.Module):
       if not is_self:
         raise ValueError("The KV cache is for self-attention; cross-attention keys are static "
                          "unless cache_context is set.")
-      k_bkhd, v_bkhd, mask = self._update_cache(k_bkhd, v_bkhd, mask)
+      k_bkhd, v_bkhd, mask = self._update_cache(k_bkhd, v_bkhd, mask, positions_bt)
 
     out_bqhd = dot_product_attention(q_bqhd, k_bkhd, v_bkhd, mask, bias=bias,
                                      scale_logits=self.scale_logits)
@@ -176,35 +176,40 @@ class MultiHeadAttention(nn.Module):
         bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="out")(out_bqhd)
     return nn.Dropout(self.dropout)(out_bqd, deterministic=deterministic)
 
-  def _update_cache(self, k_bkhd, v_bkhd, mask):
-    """Writes this call's keys/values at the cache index and attends to the filled prefix.
+  def _update_cache(self, k_bkhd, v_bkhd, mask, positions_bt):
+    """Writes this call's keys / values into the cache at their positions and attends to them.
 
-    The cache is created (zeros, length = the key length of the initialising call) when the
-    "cache" collection is mutable and empty; later calls append `T` new positions, with a
-    causal mask inside the new block and full visibility of earlier positions.
+    The cache slot of a token is its position, per row: `positions_bt` (int [B, T], or [1, T]
+    for every row) must be consecutive within a row (a prompt, or one new token), so rows of
+    different prompt lengths each continue at their own position. A query at position p sees
+    the slots <= p; a slot past a row's prompt that holds a padding token's keys is overwritten
+    by that row's next token before any query can see it. The cache (zeros, length = the key
+    length of the initialising call) is created when the "cache" collection is mutable and
+    empty; that call attends to its own tokens only.
     """
     initialised = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k_bkhd.shape, k_bkhd.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v_bkhd.shape, v_bkhd.dtype)
-    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialised:
       return k_bkhd, v_bkhd, mask
-    batch, max_len, heads, depth = cached_k.value.shape
-    new_len = k_bkhd.shape[1]
-    start = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_bkhd.astype(cached_k.value.dtype),
-                                                  (0, start, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_bkhd.astype(cached_v.value.dtype),
-                                                  (0, start, 0, 0))
-    index.value = start + new_len
-    query_pos = start + jnp.arange(new_len)
+    batch, max_len = cached_k.value.shape[:2]
+    positions_bt = jnp.broadcast_to(jnp.asarray(positions_bt, jnp.int32),
+                                    (batch, k_bkhd.shape[1]))
+    start_b = positions_bt[:, 0]
+
+    def write(cache_blhd, new_bthd):
+      new_bthd = new_bthd.astype(cache_blhd.dtype)
+      return jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis=0))(
+          cache_blhd, new_bthd, start_b)
+
+    cached_k.value = write(cached_k.value, k_bkhd)
+    cached_v.value = write(cached_v.value, v_bkhd)
     key_pos = jnp.arange(max_len)
-    cache_mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, T, L]
+    cache_mask = (key_pos[None, None, :] <= positions_bt[:, :, None])[:, None]  # [B, 1, T, L]
     # A caller mask over the new block only (e.g. the causal mask of a prompt) is superseded by
-    # cache_mask; a caller mask over all L cached keys (padding) is combined with it.
+    # cache_mask; a caller mask over all L cached keys (padding, prefix-LM) is combined with it.
     if mask is not None and mask.shape[-1] == max_len:
       cache_mask = jnp.logical_and(cache_mask, mask)
-    del batch, heads, depth
     return cached_k.value, cached_v.value, cache_mask
 
   def _context_cache(self, x_kv: jax.Array | None, project) -> tuple[jax.Array, jax.Array]:

@@ -146,13 +146,18 @@ class LearnedPosEmbed(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_btd: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, offset: jax.Array | int = 0,
+               positions_bt: jax.Array | None = None) -> jax.Array:
+    """Adds rows offset.. offset + T - 1, or row positions_bt[b, t] (int [B, T]) to x[b, t]."""
     table = self.param("pos_embedding", partitioned(nn.initializers.normal(self.init_std),
                                                     (None, None, "embed")),
                        (1, self.length, x_btd.shape[-1]), self.param_dtype)
     if x_btd.shape[1] > self.length:
       raise ValueError(f"sequence length {x_btd.shape[1]} exceeds the position table ({self.length})")
-    rows = jax.lax.dynamic_slice_in_dim(table, offset, x_btd.shape[1], axis=1)
+    if positions_bt is not None:
+      rows = jnp.take(table[0], jnp.asarray(positions_bt, jnp.int32), axis=0, mode="clip")
+    else:
+      rows = jax.lax.dynamic_slice_in_dim(table, offset, x_btd.shape[1], axis=1)
     return x_btd + rows.astype(x_btd.dtype)
 
 

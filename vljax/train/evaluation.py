@@ -43,7 +43,8 @@ class Evaluation:
 
   def __init__(self, exp: Any, evals: Mapping[str, Any]):
     self.exp = exp
-    env = Environment(exp.data_cfg, exp.tokenizer, exp.config.family, exp.family.views)
+    env = Environment(exp.data_cfg, exp.tokenizer, exp.config.family, exp.family.views,
+                      tuple(sorted(exp.family.predict)))
     self.evaluators = build_evaluators(evals, env, set(exp.family.predict))
     self._jitted: dict[tuple, Any] = {}
 

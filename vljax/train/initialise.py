@@ -12,36 +12,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vljax.convert import hf_lm
 from vljax.train.checkpoint import load_params
 from vljax.train.config import init_entries
 
 log = logging.getLogger("vljax")
 
 
+class _Source:
+  """The flat parameters of one checkpoint. A Hugging Face directory (read unscanned) also
+  offers them with their layers stacked, for a model that scans them; made on first use."""
+
+  def __init__(self, params: Any, hf_model: Any = None):
+    self.first = flax.traverse_util.flatten_dict(params, sep="/")
+    self._params, self._hf_model, self._scanned = params, hf_model, None
+
+  def layouts(self):
+    yield self.first
+    if self._hf_model is not None:
+      if self._scanned is None:
+        self._scanned = flax.traverse_util.flatten_dict(
+            hf_lm.scan_params(self._hf_model, self._params), sep="/")
+      yield self._scanned
+
+
 def load_init_params(config, params, shardings, frozen):
   """`params` with the parameters that config.init's entries select copied in (see init_entries).
 
-  Each entry's checkpoint is read once (entries naming the same one share the read). Raises,
+  A checkpoint is a vljax workdir / checkpoint, or a Hugging Face model directory (config.json
+  and safetensors of a LLaMA, OPT, GPT-2 or T5, read by `vljax.convert.hf_lm.load`) whose
+  parameters are named as the vljax module's (e.g. "decoder/layer_0/self_attn/query/kernel"),
+  with the layers stacked ("decoder/layers/...") where this model scans them. Each entry's
+  checkpoint is read once (entries naming the same one share the read). Raises,
   naming the entry, for a checkpoint that does not exist or holds no vljax checkpoint, a `params`
   regex that selects nothing, a target this model lacks, a shape mismatch, a parameter written
   by two entries, bfloat16 for a parameter config.optim.freeze does not freeze, and (for an
   entry without `to`) parameters of this model matching its `params` that no entry writes.
   """
 
-  def read(name: str, checkpoint: str) -> dict[str, Any]:
+  def read(name: str, checkpoint: str) -> _Source:
     if not os.path.exists(checkpoint):
       raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} does not exist")
+    if hf_lm.is_hf_dir(checkpoint):
+      try:
+        model, source = hf_lm.load(checkpoint)
+      except FileNotFoundError as e:
+        raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} is not a readable Hugging "
+                                f"Face model directory ({e})") from None
+      except (ValueError, NotImplementedError) as e:
+        raise ValueError(f"{name}.checkpoint={checkpoint!r} is not a Hugging Face model vljax "
+                         f"reads ({e})") from None
+      return _Source(source, model)
     try:
       source = load_params(checkpoint)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} holds no vljax checkpoint "
                               f"({e})") from None
-    return flax.traverse_util.flatten_dict(source, sep="/")
+    return _Source(source)
+
+  def rename(entry, src: str) -> str:
+    return re.sub(entry["to"][0], entry["to"][1], src, count=1) if entry["to"] else src
 
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   flat_shardings = flax.traverse_util.flatten_dict(shardings, sep="/")
   flat_frozen = flax.traverse_util.flatten_dict(frozen, sep="/")
-  sources: dict[str, dict[str, Any]] = {}
+  sources: dict[str, _Source] = {}
   written: dict[str, str] = {}  # target path -> the entry that wrote it
   identity = []  # entries without `to`: their regex names parameters of this model too
   for i, entry in enumerate(init_entries(config)):
@@ -49,8 +84,14 @@ def load_init_params(config, params, shardings, frozen):
     key = os.path.abspath(checkpoint)
     if key not in sources:
       sources[key] = read(name, checkpoint)
-    loaded = sources[key]
     pattern = re.compile(entry["params"])
+    # The layout (layers scanned or not) in which every selected parameter lands in this model.
+    loaded = sources[key].first
+    for layout in sources[key].layouts():
+      chosen = [k for k in layout if pattern.fullmatch(k)]
+      if chosen and all(rename(entry, k) in flat for k in chosen):
+        loaded = layout
+        break
     selected = [k for k in loaded if pattern.fullmatch(k)]
     if not selected:
       raise ValueError(f"{name}.params={entry['params']!r} matches no parameter of {checkpoint!r} "
@@ -59,7 +100,7 @@ def load_init_params(config, params, shardings, frozen):
       identity.append((name, checkpoint, entry["params"], pattern))
     targets = {}
     for src in selected:
-      dst = re.sub(entry["to"][0], entry["to"][1], src, count=1) if entry["to"] else src
+      dst = rename(entry, src)
       if dst not in flat:
         raise ValueError(f"{name} puts {src} at {dst}, which this model does not have"
                          + (f" (check {name}.to={entry['to']!r})" if entry["to"] else ""))

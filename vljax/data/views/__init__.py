@@ -31,16 +31,17 @@ from vljax.data.views.chat import (CHAT_TEMPLATES, VICUNA_SYSTEM, ChatTemplate, 
                                    parse_conversations)
 from vljax.data.views.grounding import BOX_SCALE, GroundingView, box_to_text, text_to_box
 from vljax.data.views.interleaved import InterleavedView
+from vljax.data.views.lm_text import TextView
 from vljax.data.views.text import CaptionView, VideoView, VqaView, majority_answer
 
 __all__ = ["BOX_END", "BOX_START", "END_OF_CHUNK", "IMAGE_TOKEN", "REF_END", "REF_START",
            "BadRecord", "View", "CHAT_TEMPLATES", "VICUNA_SYSTEM", "ChatTemplate", "ChatView",
            "parse_conversations", "BOX_SCALE", "GroundingView", "box_to_text", "text_to_box",
-           "InterleavedView", "CaptionView", "VideoView", "VqaView", "majority_answer", "VIEWS",
-           "build_view", "view_settings", "template_texts"]
+           "InterleavedView", "TextView", "CaptionView", "VideoView", "VqaView", "majority_answer",
+           "VIEWS", "build_view", "view_settings", "template_texts"]
 
 VIEWS: dict[str, type[View]] = {view.name: view for view in (
-    CaptionView, VqaView, ChatView, InterleavedView, VideoView, GroundingView)}
+    CaptionView, VqaView, ChatView, InterleavedView, VideoView, GroundingView, TextView)}
 
 
 def template_texts() -> list[str]:
