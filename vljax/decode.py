@@ -31,11 +31,11 @@ step function sees is per-example state; beam search repeats those rows for ever
     (`batch_major_cache` / `layer_major_cache`);
   * a shared leaf must not have a leading size equal to the (beam-expanded) batch.
 
-Stopping: `eos_id` is one id or several (chat templates end a turn with any of a few tokens);
-a row stops at the first of them. Outputs hold N = max_new_tokens tokens per row, `pad_id`
+Stopping: `eos_id` is one id or several (chat templates end a turn with any of a few tokens),
+as Python ints or an int array (which may be traced); a row stops at the first of them. Outputs hold N = max_new_tokens tokens per row, `pad_id`
 after the stop token; lengths count the generated tokens including it. All functions are
-traceable: call them inside `jax.jit` with `max_new_tokens`, `beam_size`, `top_k` and `eos_id`
-static (temperature, top_p and length_penalty may be traced). Model parameters should reach
+traceable: call them inside `jax.jit` with `max_new_tokens`, `beam_size` and `top_k` static
+(temperature, top_p, length_penalty and an array of stop ids may be traced). Model parameters should reach
 `step_fn` through the jitted function's arguments, not be closed over outside it, or they get
 baked into the program as constants.
 """
@@ -182,7 +182,9 @@ def feed_prompt(step_fn: StepFn, cache: PyTree, prompt_bl: jax.Array,
   return Prefilled(logits_bv, cache, prompt_len_b)
 
 
-def _stop_ids(eos_id: int | Sequence[int]) -> jax.Array:
+def _stop_ids(eos_id: int | Sequence[int] | jax.Array) -> jax.Array:
+  if isinstance(eos_id, (jax.Array, np.ndarray)):  # may be traced
+    return jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
   ids = (eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id)
   if not ids:
     raise ValueError("eos_id must name at least one stop id")

@@ -49,26 +49,33 @@ def test_attention_matches_float64_reference(cross):
 
 
 def test_kv_cache_decoding_equals_full_causal_pass():
-  """Feeding tokens one at a time through the cache reproduces the full causal forward pass."""
+  """Feeding tokens one at a time through the cache reproduces the full causal forward pass; each
+  row writes at its own positions, and a slot written later is overwritten before it is seen."""
   block = BlockConfig(num_heads=2, mlp_dim=32)
   model = Transformer(depth=2, block=block)
   cached = Transformer(depth=2, block=block.replace(decode=True))
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))
   params = model.init(jax.random.key(1), x, causal_mask(6))["params"]
   full = model.apply({"params": params}, x, causal_mask(6))
-  cache = cached.init(jax.random.key(1), x)["cache"]  # allocates a 6-long cache
-  steps = []
+  positions = jnp.arange(6)[None]
+  empty = cached.init(jax.random.key(1), x, positions_bt=positions)["cache"]  # 6 slots
+  cache, steps = empty, []
   for t in range(6):
-    out, mutated = cached.apply({"params": params, "cache": cache}, x[:, t:t + 1], mutable=["cache"])
+    out, mutated = cached.apply({"params": params, "cache": cache}, x[:, t:t + 1],
+                                positions_bt=jnp.full((2, 1), t), mutable=["cache"])
     cache = mutated["cache"]
     steps.append(out)
   np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
-  # A prompt of 3 tokens at once, then single tokens, gives the same.
-  cache = cached.init(jax.random.key(1), x)["cache"]
-  out3, mutated = cached.apply({"params": params, "cache": cache}, x[:, :3], causal_mask(3),
-                               mutable=["cache"])
-  out4, _ = cached.apply({"params": params, "cache": mutated["cache"]}, x[:, 3:4], mutable=["cache"])
-  np.testing.assert_allclose(np.concatenate([out3, out4], 1), full[:, :4], rtol=1e-5, atol=1e-5)
+  # A prompt of 3 tokens at once, then one token per row at the row's own position: row 0
+  # continues at 3, row 1 rewrites slot 1 (its slots 1-2 held tokens it now replaces).
+  out3, mutated = cached.apply({"params": params, "cache": empty}, x[:, :3], causal_mask(3),
+                               positions_bt=positions[:, :3], mutable=["cache"])
+  np.testing.assert_allclose(out3, full[:, :3], rtol=1e-5, atol=1e-5)
+  next_x = jnp.stack([x[0, 3:4], x[1, 1:2]])
+  out, _ = cached.apply({"params": params, "cache": mutated["cache"]}, next_x,
+                        positions_bt=jnp.array([[3], [1]]), mutable=["cache"])
+  np.testing.assert_allclose(out[:, 0], jnp.stack([full[0, 3], full[1, 1]]), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_scanned_stack_equals_unrolled_stack():
