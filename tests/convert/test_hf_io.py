@@ -373,3 +373,22 @@ def test_check_keys():
   with pytest.raises(hf.KeyMismatchError, match="1 unexpected"):
     hf.check_keys({"a"}, {"a", "layers.3.rotary_emb.inv_freq.extra"}, "x",
                   allow_unexpected=[r"layers\.\d+\.rotary_emb\.inv_freq"])
+
+
+def test_vljax_trains_without_the_hf_extra():
+  """`pip install -e .` has no safetensors, tokenizers, transformers or torch: the training
+  loop, the families and config.init import without them; reading a safetensors file says
+  which extra it needs."""
+  import subprocess
+  import sys
+  code = ("import sys\n"
+          "for name in ('safetensors', 'tokenizers', 'transformers', 'torch'):\n"
+          "  sys.modules[name] = None\n"
+          "import vljax.train.loop, vljax.train.initialise, vljax.families, vljax.convert.hf_lm\n"
+          "from vljax.convert import hf\n"
+          "try:\n"
+          "  hf._safetensors()\n"
+          "except ModuleNotFoundError as e:\n"
+          "  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert 'pip install -e ".[hf]"' in out.stdout

@@ -17,7 +17,6 @@ from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
-import safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -287,6 +286,17 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   return _read_tensors(path, _read_header(path))
 
 
+def _safetensors():
+  """The safetensors library, imported when a file is read (the `hf` extra), so that vljax
+  imports without it."""
+  try:
+    import safetensors  # pylint: disable=import-outside-toplevel
+  except ModuleNotFoundError:
+    raise ModuleNotFoundError("reading safetensors files needs the safetensors library: "
+                              'pip install -e ".[hf]"') from None
+  return safetensors
+
+
 def _read_tensors(path: str, header: _Header) -> dict[str, np.ndarray]:
   """Reads the tensors of a checked header: NumPy dtypes with the safetensors library, the
   ml_dtypes ones (bfloat16, float8) from the bytes of their ranges."""
@@ -294,6 +304,7 @@ def _read_tensors(path: str, header: _Header) -> dict[str, np.ndarray]:
   library_names = [name for name, entry in header.entries.items()
                    if entry["dtype"] in _LIBRARY_DTYPES]
   if library_names:
+    safetensors = _safetensors()
     try:
       with safetensors.safe_open(path, framework="numpy") as f:
         for name in library_names:
