@@ -30,6 +30,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -527,18 +528,6 @@ def _merge_qkv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
 def from_hf_state_dict(recipe: str, state_dict: Mapping[str, Any], hf_config, *,
                        scan: bool = False) -> dict:
   """vljax params of `LM(**config_from_hf(recipe, hf_config), scan=scan)` from a transformers
@@ -558,11 +547,11 @@ def from_hf_state_dict(recipe: str, state_dict: Mapping[str, Any], hf_config, *,
       key = prefix + key
     state[key] = np.asarray(value)
   state = _split_qkv(state) if recipe == "gpt2" else state
-  params: dict = {}
+  flat: dict[tuple[str, ...], np.ndarray] = {}  # parameter path -> value
   used = set()
   for key, path, transposed, hf_shape, shape in _hf_entries(recipe, c):
     if key == "lm_head.weight" and c["tied_head"]:
-      if key in state and not np.array_equal(state[key], _get(params, path)):
+      if key in state and not np.array_equal(state[key], flat[path]):
         raise ValueError("the head is tied but lm_head.weight differs from the token embedding")
       used.add(key)
       continue
@@ -571,12 +560,13 @@ def from_hf_state_dict(recipe: str, state_dict: Mapping[str, Any], hf_config, *,
     value = state[key]
     if value.shape != hf_shape:
       raise ValueError(f"{key}: shape {value.shape}, expected {hf_shape} from the config")
-    _set(params, path, (value.T if transposed else value).reshape(shape))
+    flat[path] = (value.T if transposed else value).reshape(shape)
     used.add(key)
   unused = sorted(set(state) - used)
   if unused:
     raise ValueError(f"{len(unused)} state dict keys have no place in the {recipe} LM: "
                      f"{unused[:5]}")
+  params = traverse_util.unflatten_dict(flat)
   return stack_layers(params, c["depth"]) if scan else params
 
 
@@ -587,9 +577,9 @@ def to_hf_state_dict(recipe: str, params: Mapping, hf_config) -> dict[str, np.nd
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   if "layers" in params["decoder"]:
     params = unstack_layers(params, c["depth"])
-  state = {}
+  flat, state = traverse_util.flatten_dict(params), {}
   for key, path, transposed, hf_shape, _ in _hf_entries(recipe, c):
-    value = _get(params, path)
+    value = flat[path]
     hf_value = value.reshape(hf_shape[::-1]).T if transposed else value.reshape(hf_shape)
     state[key] = np.ascontiguousarray(hf_value)
   return _merge_qkv(state) if recipe == "gpt2" else state

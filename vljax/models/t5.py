@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -457,18 +458,6 @@ def _hf_entries(c: Mapping[str, Any]) -> list[_Entry]:
   return entries
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
 def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config, *, scan: bool = False) -> dict:
   """vljax params of `T5(**config_from_hf(hf_config), scan=scan)` from a transformers
   T5ForConditionalGeneration state dict of NumPy arrays (dtypes are kept).
@@ -479,7 +468,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config, *, scan: bool =
   """
   c = T5(**config_from_hf(hf_config)).config()
   state = {key: np.asarray(value) for key, value in state_dict.items() if key not in _HF_IGNORED}
-  params: dict = {}
+  flat: dict[tuple[str, ...], np.ndarray] = {}  # parameter path -> value
   missing, misshapen, different = [], [], []
   for key, path, transposed, hf_shape, shape, alias in _hf_entries(c):
     if key not in state:
@@ -493,13 +482,14 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config, *, scan: bool =
       if "shared.weight" in state and not np.array_equal(value, state["shared.weight"]):
         different.append(key)
     else:
-      _set(params, path, (value.T if transposed else value).reshape(shape))
+      flat[path] = (value.T if transposed else value).reshape(shape)
   unused = sorted(set(state) - {entry[0] for entry in _hf_entries(c)})
   problems = [f"{title} ({len(keys)}): {keys[:8]}" for title, keys in (
       ("missing keys", missing), ("unused keys", unused), ("wrong shapes", misshapen),
       ("keys that should equal shared.weight but differ (tied embeddings)", different)) if keys]
   if problems:
     raise ValueError("the state dict does not match the T5 config; " + "; ".join(problems))
+  params = traverse_util.unflatten_dict(flat)
   return stack_layers(params, c) if scan else params
 
 
@@ -510,9 +500,9 @@ def to_hf_state_dict(params: Mapping, hf_config) -> dict[str, np.ndarray]:
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   if "layers" in params["encoder"]:
     params = unstack_layers(params, c)
-  state = {}
+  flat, state = traverse_util.flatten_dict(params), {}
   for key, path, transposed, hf_shape, _, _ in _hf_entries(c):
-    value = _get(params, path)
+    value = flat[path]
     hf_value = value.reshape(hf_shape[::-1]).T if transposed else value.reshape(hf_shape)
     state[key] = np.ascontiguousarray(hf_value)
   return state
