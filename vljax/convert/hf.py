@@ -12,11 +12,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from vljax.files import write_atomically
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -366,7 +367,7 @@ def write_hf_dir(path: str | os.PathLike[str], config: Mapping[str, Any],
   written = []
   for file_name, shard in zip(file_names, shards):
     shard_path = os.path.join(path, file_name)
-    _write_atomically(shard_path, lambda f, shard=shard: _write_safetensors(f, shard))
+    write_atomically(shard_path, lambda f, shard=shard: _write_safetensors(f, shard))
     written.append(shard_path)
   if len(shards) > 1:
     weight_map = {name: file_name for file_name, shard in zip(file_names, shards)
@@ -375,10 +376,10 @@ def write_hf_dir(path: str | os.PathLike[str], config: Mapping[str, Any],
              "weight_map": dict(sorted(weight_map.items()))}
     index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
     index_path = os.path.join(path, INDEX_NAME)
-    _write_atomically(index_path, lambda f: f.write(index_text.encode()))
+    write_atomically(index_path, lambda f: f.write(index_text.encode()))
     written.append(index_path)
   config_path = os.path.join(path, CONFIG_NAME)
-  _write_atomically(config_path, lambda f: f.write(config_text.encode()))
+  write_atomically(config_path, lambda f: f.write(config_text.encode()))
   written.append(config_path)
   return written
 
@@ -461,18 +462,3 @@ def _write_safetensors(f, arrays: dict[str, np.ndarray]) -> None:
   f.write(header_bytes)
   for name in order:
     f.write(arrays[name].reshape(-1).view(np.uint8).data)
-
-
-def _write_atomically(path: str, write) -> None:
-  """Calls `write(f)` on a temporary file next to `path`, then renames it to `path`."""
-  fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(temp_path, 0o644)  # mkstemp creates files readable by their owner only.
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
-    raise

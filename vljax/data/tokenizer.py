@@ -12,13 +12,13 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from vljax.data import captions
+from vljax.files import write_atomically
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -321,24 +321,6 @@ def _is_usable(model_proto: bytes, corpus: Sequence[str], vocab_size: int | None
   return all(UNK_ID not in ids for ids in processor.encode(list(corpus)))
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see either the old file or the whole new one."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(temp_path, 0o644)  # mkstemp creates files readable by their owner only.
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
-    raise
-
-
 def train_tokenizer(corpus: Sequence[str], vocab_size: int | None = None, *,
                     added_tokens: Sequence[str] = VISION_TOKENS) -> Tokenizer:
   """A tokenizer trained in memory on `corpus` with the shapes settings (nothing is cached).
@@ -404,5 +386,5 @@ def shapes_tokenizer(vocab_size: int | None = None, cache_dir: str | None = None
     except RuntimeError as e:
       raise ValueError(f"SentencePiece rejects vocab_size={vocab_size} for the shapes "
                        f"corpus: {e}") from e
-  _write_atomically(path, model_proto)
+  write_atomically(path, lambda f: f.write(model_proto))
   return Tokenizer(model_proto, added_tokens=added_tokens)
