@@ -6,10 +6,6 @@ import importlib.util
 import json
 import os
 
-import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                      "bench_decode.py")

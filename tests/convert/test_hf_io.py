@@ -100,7 +100,7 @@ def test_reads_files_the_safetensors_library_writes(tmp_path):
 
 
 def test_reads_bf16_that_torch_writes(tmp_path):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=import-outside-toplevel
   import safetensors.torch  # pylint: disable=import-outside-toplevel
   values = torch.randn(3, 5).to(torch.bfloat16)
   safetensors.torch.save_file({"w": values}, str(tmp_path / "w.safetensors"))
@@ -110,7 +110,7 @@ def test_reads_bf16_that_torch_writes(tmp_path):
 
 
 def _gpt2():
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=import-outside-toplevel
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
   config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
@@ -174,7 +174,7 @@ def no_unpickling(monkeypatch):
 
 
 def test_pickles_are_refused_unopened(tmp_path, no_unpickling):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=import-outside-toplevel
   with open(tmp_path / "config.json", "w") as f:
     json.dump({"architectures": ["GPT2LMHeadModel"]}, f)
   torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")

@@ -14,12 +14,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
-from vljax.convert import hf, hf_lm  # noqa: E402
-from vljax.models import lm, t5  # noqa: E402
-from vljax.train import initialise  # noqa: E402
+from vljax.convert import hf, hf_lm
+from vljax.models import lm, t5
+from vljax.train import initialise
 
 # Sizes that break a wrong mapping: no projection square, heads * head_dim != width.
 LM_MODELS = {
@@ -398,8 +398,6 @@ def test_export_command_line_writes_what_transformers_loads(tmp_path):
   from vljax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   config_path = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs",
                              "lm_tiny.py")
-  if not os.path.isfile(config_path):
-    pytest.skip("experiments/configs/lm_tiny.py is not there")
   # A workdir whose checkpoint holds params of lm_tiny's model (built as the family builds it).
   from vljax.data.pipeline import build_tokenizer, data_config  # pylint: disable=import-outside-toplevel
   from vljax.families import get_family  # pylint: disable=import-outside-toplevel

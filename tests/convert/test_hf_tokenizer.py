@@ -11,14 +11,13 @@ import pickle
 import numpy as np
 import pytest
 import sentencepiece as spm
+import transformers
 from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,
                         pre_tokenizers, processors, trainers)
 
 from vljax.convert.hf_tokenizer import HFTokenizer
 from vljax.data import tokenizer as vljax_tokenizer
 from vljax.data import views
-
-transformers = pytest.importorskip("transformers")
 
 TRAIN_CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
