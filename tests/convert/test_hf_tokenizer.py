@@ -15,7 +15,7 @@ import transformers
 from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,
                         pre_tokenizers, processors, trainers)
 
-from vljax.convert.hf_tokenizer import HFTokenizer
+from vljax.convert.hf_tokenizer import HFTokenizer, eot_positions
 from vljax.data import tokenizer as vljax_tokenizer
 from vljax.data import views
 
@@ -48,7 +48,11 @@ TEXTS = [
     "a<s>b</s> c <unk> d<|endoftext|>e",
     "<s>",
     "[CLS] wordpiece [SEP] [MASK]",
+    "A PHOTO of a Cat.", "x</s>y </s>", "<|startoftext|>hi", "▁lead",
 ]
+# Long texts, cut to the model's length with the end-of-text token kept.
+LONG_TEXTS = ["a photo of a " * 40, "Café crème brûlée — naïve façade. " * 12,
+              "don't stop, it's fine! " * 20]
 
 
 def _save(tokenizer: Tokenizer, directory, **kwargs) -> str:
@@ -68,6 +72,24 @@ def _gpt2_tokenizer() -> Tokenizer:
                                 show_progress=False)
   tokenizer.train_from_iterator(TRAIN_CORPUS, trainer)
   return tokenizer
+
+
+def _clip_tokenizer(tmp) -> str:
+  """A CLIP tokenizer directory as transformers saves one: a byte-level BPE with "</w>" word
+  ends trained here, wrapped in CLIPTokenizer (77 tokens)."""
+  bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>",
+                             unk_token="<|endoftext|>"))
+  bpe.normalizer = normalizers.Lowercase()
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.train_from_iterator(TRAIN_CORPUS, trainers.BpeTrainer(
+      vocab_size=500, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+      show_progress=False))
+  model = json.loads(bpe.to_str())["model"]
+  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+  transformers.CLIPTokenizer(vocab=model["vocab"], merges=merges,
+                             model_max_length=77).save_pretrained(str(tmp))
+  return str(tmp)
 
 
 def _sentencepiece_model(**overrides) -> bytes:
@@ -174,11 +196,33 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
   _gpt2_tokenizer().save(os.path.join(dirs["split_special"], "tokenizer.json"))
   _write(dirs["split_special"], "tokenizer_config.json",
          {"eos_token": "<|endoftext|>", "split_special_tokens": True})
+
+  dirs["clip"] = _clip_tokenizer(root / "clip")
+  # A file whose pipeline is not CLIP's (no lower-casing, no split): transformers 5 rebuilds
+  # CLIPTokenizer's own from the vocabulary and merges, and so must HFTokenizer.
+  dirs["clip_other_pipeline"] = str(root / "clip_other_pipeline")
+  other = Tokenizer.from_file(os.path.join(dirs["clip"], "tokenizer.json"))
+  other.normalizer = None
+  other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+  os.makedirs(dirs["clip_other_pipeline"])
+  other.save(os.path.join(dirs["clip_other_pipeline"], "tokenizer.json"))
+  _write(dirs["clip_other_pipeline"], "tokenizer_config.json",
+         {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77})
+  # SigLIP: a T5-like unigram model (pad 0, eos 1, unk 2), saved by SiglipTokenizer as
+  # spiece.model (64 tokens, lower-cased).
+  _write(root / "siglip_source", "spiece.model", _sentencepiece_model(
+      vocab_size=75, model_type="unigram", byte_fallback=False, normalization_rule_name="nmt_nfkc",
+      remove_extra_whitespaces=True, split_digits=False, pad_id=0, eos_id=1, unk_id=2,
+      bos_id=-1))
+  dirs["siglip"] = str(root / "siglip")
+  transformers.SiglipTokenizer(vocab_file=str(root / "siglip_source" / "spiece.model")
+                               ).save_pretrained(dirs["siglip"])
   return dirs
 
 
 TOKENIZER_NAMES = ["gpt2", "llama_metaspace", "llama_legacy", "sentencepiece",
-                   "sentencepiece_bos", "wordpiece", "quirky", "split_special"]
+                   "sentencepiece_bos", "wordpiece", "quirky", "split_special", "clip",
+                   "clip_other_pipeline", "siglip"]
 
 
 @pytest.mark.parametrize("name", TOKENIZER_NAMES)
@@ -207,9 +251,54 @@ def test_ids_and_texts_match_transformers(tokenizer_dirs, name):
 def test_decode_round_trips(tokenizer_dirs, name):
   tokenizer = HFTokenizer(tokenizer_dirs[name])
   for text in TEXTS:
-    if "<" in text:  # Special tokens' texts are dropped by skip_special_tokens.
-      continue
+    if "<" in text or "▁" in text:  # Special tokens' texts are dropped by
+      continue  # skip_special_tokens; SentencePiece decodes its "▁" as a space.
     assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("name", ["clip", "clip_other_pipeline", "siglip", "llama_legacy",
+                                  "wordpiece", "gpt2"])
+def test_padded_batches_match_transformers(tokenizer_dirs, name):
+  directory = tokenizer_dirs[name]
+  reference = transformers.AutoTokenizer.from_pretrained(directory)
+  if reference.pad_token is None:
+    reference.pad_token = reference.eos_token
+  tokenizer = HFTokenizer(directory, pad_token=reference.pad_token)
+  texts = TEXTS + LONG_TEXTS
+  for max_len in ([None] if tokenizer.model_max_length else []) + [5, 16]:
+    expected = reference(texts, padding="max_length", truncation=True,
+                         max_length=max_len or reference.model_max_length)
+    ids_nl, mask_nl = tokenizer.encode_padded(texts, max_len)
+    assert ids_nl.dtype == mask_nl.dtype == np.int32
+    for row, text in enumerate(texts):
+      assert ids_nl[row].tolist() == expected["input_ids"][row], (text, max_len)
+      assert mask_nl[row].tolist() == expected["attention_mask"][row], (text, max_len)
+
+
+def test_clip_and_siglip_conventions(tokenizer_dirs):
+  clip = HFTokenizer(tokenizer_dirs["clip"])
+  assert clip.model_max_length == 77
+  assert clip.pad_id == clip.eos_id == clip.token_id("<|endoftext|>")
+  ids_nl, mask_nl = clip.encode_padded(["a photo of a cat", "", LONG_TEXTS[0]])
+  assert ids_nl.shape == (3, 77)
+  eot = eot_positions(mask_nl)
+  # The end-of-text token is the last real one, also when the text was cut; padding repeats
+  # its id, so only the mask tells where it is.
+  assert (ids_nl[np.arange(3), eot] == clip.eos_id).all()
+  assert eot[1] == 1 and eot[2] == 76 and ids_nl[0, 0] == clip.bos_id
+  assert clip.encode("HELLO   World") == clip.encode("hello world")
+  siglip = HFTokenizer(tokenizer_dirs["siglip"])
+  assert siglip.model_max_length == 64
+  assert siglip.pad_id == siglip.eos_id == 1
+  assert siglip.encode("A photo, of a CAT!") == siglip.encode("a photo of a cat")
+  ids_nl, mask_nl = siglip.encode_padded(["a cat", LONG_TEXTS[0]])
+  assert ids_nl.shape == (2, 64) and ids_nl[1, -1] == siglip.eos_id and mask_nl[1].all()
+  with pytest.raises(ValueError, match="max_len"):
+    HFTokenizer(tokenizer_dirs["gpt2"], pad_token="<|endoftext|>").encode_padded(["a"])
+  with pytest.raises(TypeError, match="sequence of strings"):
+    clip.encode_padded("a cat")
+  restored = pickle.loads(pickle.dumps(siglip))
+  assert restored.encode_padded(["A cat."])[0].tolist() == siglip.encode_padded(["A cat."])[0].tolist()
 
 
 def test_what_transformers_fixes_on_loading(tokenizer_dirs):

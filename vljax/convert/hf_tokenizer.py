@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from typing import Any, Sequence, overload
 
 import numpy as np
@@ -29,6 +30,7 @@ from tokenizers import AddedToken
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
+SIGLIP_SENTENCEPIECE_MODEL = "spiece.model"  # The name SiglipTokenizer saves its model under.
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -38,6 +40,17 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
                  "mask_token")
 _EXTRA_KEYS = ("extra_special_tokens", "additional_special_tokens")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+# The classes transformers rebuilds a tokenizer for, whatever the file's pipeline says, and their
+# default special tokens.
+_CLIP_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+_CLIP_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                  "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+# CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits and
+# punctuation runs, as the original `SimpleTokenizer`'s regular expression.
+_CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
+               r"""|[^\s\p{L}\p{N}]+""")
+_SIGLIP_CLASSES = ("SiglipTokenizer",)
+_SIGLIP_DEFAULTS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
 # What transformers' `clean_up_tokenization` undoes: spaces a WordPiece decode leaves before
 # punctuation and English contractions.
 _CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -125,9 +138,22 @@ class HFTokenizer:
     named, extra = _special_tokens(tokenizer_config, special_tokens_map)
     json_path = os.path.join(directory, TOKENIZER_JSON)
     model_path = os.path.join(directory, SENTENCEPIECE_MODEL)
-    if os.path.isfile(json_path):
+    tokenizer_class = str(tokenizer_config.get("tokenizer_class") or "")
+    self._model_max_length = tokenizer_config.get("model_max_length")
+    if tokenizer_class in _CLIP_CLASSES:
+      named = {**_CLIP_DEFAULTS, **named}
+    if tokenizer_class in _SIGLIP_CLASSES:
+      model_path = next((path for path in (os.path.join(directory, SIGLIP_SENTENCEPIECE_MODEL),
+                                           model_path) if os.path.isfile(path)), model_path)
+      if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"{directory} names SiglipTokenizer but has neither "
+                                f"{SIGLIP_SENTENCEPIECE_MODEL} nor {SENTENCEPIECE_MODEL}")
+      self._backend = _SiglipBackend.load(model_path, tokenizer_config, named, extra)
+      named = self._backend.named
+    elif os.path.isfile(json_path):
       self._backend: _TokenizersBackend | _SentencePieceBackend = _TokenizersBackend.load(
-          json_path, tokenizer_config, named, extra)
+          json_path, tokenizer_config, named, extra,
+          clip=tokenizer_class in _CLIP_CLASSES)
     elif os.path.isfile(model_path):
       self._backend = _SentencePieceBackend.load(model_path, tokenizer_config, named, extra)
       named = self._backend.named
@@ -145,6 +171,38 @@ class HFTokenizer:
       self._special_ids[key] = token_id if isinstance(token_id, int) else None
     if pad_token is not None:
       self._special_ids["pad"] = self.token_id(pad_token)
+
+  @property
+  def model_max_length(self) -> int | None:
+    """The text length the model was trained with (`model_max_length` of the tokenizer
+    config: 77 for CLIP, 64 for SigLIP), or None when the config gives none."""
+    value = self._model_max_length
+    # transformers writes a huge int (1e30) for "no limit".
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
+
+  def encode_padded(self, texts: Sequence[str],
+                    max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and attention mask, int32 [len(texts), max_len], as transformers'
+    `tokenizer(texts, padding="max_length", truncation=True, max_length=max_len)` gives them:
+    the template's special tokens (CLIP: bos ... eos; SigLIP: ... eos) kept when a long text is
+    cut, right-padded with `pad_id` (CLIP and SigLIP pad with their eos id, so pool at
+    `eot_positions`, never at a search for the pad id). `max_len` defaults to
+    `model_max_length`."""
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+      raise TypeError("encode_padded() takes a sequence of strings")
+    max_len = self.model_max_length if max_len is None else max_len
+    if not isinstance(max_len, int) or max_len < 1:
+      raise ValueError(f"encode_padded() needs max_len >= 1 (the tokenizer config gives no "
+                       f"model_max_length), got {max_len!r}")
+    if self.pad_id is None:
+      raise ValueError("This tokenizer has no pad token (name one with "
+                       "HFTokenizer(path, pad_token=...))")
+    ids_nl = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
+    mask_nl = np.zeros((len(texts), max_len), dtype=np.int32)
+    for row, ids in enumerate(self._backend.encode_truncated(list(texts), max_len)):
+      ids_nl[row, :len(ids)] = ids
+      mask_nl[row, :len(ids)] = 1
+    return ids_nl, mask_nl
 
   @property
   def vocab_size(self) -> int:
@@ -194,6 +252,7 @@ class HFTokenizer:
     new = object.__new__(HFTokenizer)
     new._backend = self._backend.with_added_tokens(list(dict.fromkeys(tokens)))
     new._special_ids = dict(self._special_ids)
+    new._model_max_length = self._model_max_length
     return new
 
   def tokenize(self, text: str) -> list[int]:
@@ -285,11 +344,21 @@ class HFTokenizer:
     return texts
 
   def __getstate__(self) -> dict[str, Any]:
-    return {"backend": self._backend, "special_ids": self._special_ids}
+    return {"backend": self._backend, "special_ids": self._special_ids,
+            "model_max_length": self._model_max_length}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self._backend = state["backend"]
     self._special_ids = state["special_ids"]
+    self._model_max_length = state.get("model_max_length")
+
+
+def eot_positions(mask_nl: np.ndarray) -> np.ndarray:
+  """The position of each row's last real token, int32 [N]: the end-of-text token where
+  `encode_padded` keeps it last (CLIP pools there), from the mask alone, as the pad id may
+  equal the end-of-text id. Rows without a real token give 0."""
+  mask_nl = np.asarray(mask_nl)
+  return np.maximum(mask_nl.astype(np.int32).sum(axis=-1) - 1, 0).astype(np.int32)
 
 
 def _is_batch(ids: Any) -> bool:
@@ -305,9 +374,13 @@ def _is_batch(ids: Any) -> bool:
 class _TokenizersBackend:
   """A `tokenizers.Tokenizer` set up as transformers sets up its generic fast tokenizer."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, clean_up: bool):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, clean_up: bool,
+               word_suffix: str | None = None):
     self._tokenizer = tokenizer
     self._clean_up = clean_up
+    # CLIP's decode turns its BPE end-of-word suffix ("</w>") into spaces and strips the text.
+    self._word_suffix = word_suffix
+    self._padded: dict[int, tokenizers.Tokenizer] = {}
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     self.num_ids = max(vocab.values(), default=-1) + 1
     decoder = tokenizer.get_added_tokens_decoder()
@@ -315,11 +388,13 @@ class _TokenizersBackend:
 
   @classmethod
   def load(cls, path: str, tokenizer_config: dict[str, Any], named: dict[str, Any],
-           extra: list[Any]) -> _TokenizersBackend:
+           extra: list[Any], clip: bool = False) -> _TokenizersBackend:
     try:
       tokenizer = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # The library raises a bare Exception for unreadable files.
       raise ValueError(f"{path} is not a tokenizers file it can read: {e}") from e
+    if clip:
+      tokenizer = _clip_tokenizer(tokenizer, named, path)
     # transformers' encode neither truncates nor pads by default, whatever the file says.
     tokenizer.no_truncation()
     tokenizer.no_padding()
@@ -332,7 +407,12 @@ class _TokenizersBackend:
     clean_up = bool(tokenizer_config.get("clean_up_tokenization_spaces", False)) and (
         type(tokenizer.model).__name__ != "BPE" or bool(tokenizer_config.get(
             "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)))
-    return cls(tokenizer, clean_up)
+    if clip:
+      eos, bos = (_content(named[key]) for key in ("eos_token", "bos_token"))
+      tokenizer.post_processor = tokenizers.processors.RobertaProcessing(
+          (eos, tokenizer.token_to_id(eos)), (bos, tokenizer.token_to_id(bos)),
+          trim_offsets=False, add_prefix_space=False)
+    return cls(tokenizer, clean_up, "</w>" if clip else None)
 
   def token_to_id(self, token: str) -> int | None:
     return self._tokenizer.token_to_id(token)
@@ -340,8 +420,25 @@ class _TokenizersBackend:
   def encode(self, text: str, add_special_tokens: bool) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+  def encode_truncated(self, texts: list[str], max_len: int) -> list[list[int]]:
+    """Each text's ids with the template's special tokens, cut to max_len as transformers'
+    fast tokenizers cut them (`longest_first`, from the right, special tokens kept)."""
+    if max_len not in self._padded:
+      tokenizer = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+      tokenizer.encode_special_tokens = self._tokenizer.encode_special_tokens
+      added = self._tokenizer.post_processor.num_special_tokens_to_add(False) if (
+          self._tokenizer.post_processor is not None) else 0
+      if max_len < added:
+        raise ValueError(f"max_len={max_len} leaves no room for the {added} special tokens")
+      tokenizer.enable_truncation(max_len, stride=0, strategy="longest_first",
+                                  direction="right")
+      self._padded[max_len] = tokenizer
+    return [encoding.ids for encoding in self._padded[max_len].encode_batch(texts)]
+
   def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
     text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    if self._word_suffix:
+      text = text.replace(self._word_suffix, " ").strip()
     if self._clean_up:
       for before, after in _CLEAN_UPS:
         text = text.replace(before, after)
@@ -351,16 +448,46 @@ class _TokenizersBackend:
     tokenizer = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
     tokenizer.encode_special_tokens = self._tokenizer.encode_special_tokens
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
-    return _TokenizersBackend(tokenizer, self._clean_up)
+    return _TokenizersBackend(tokenizer, self._clean_up, self._word_suffix)
 
   def __getstate__(self) -> dict[str, Any]:
     return {"json": self._tokenizer.to_str(), "clean_up": self._clean_up,
-            "encode_special_tokens": self._tokenizer.encode_special_tokens}
+            "encode_special_tokens": self._tokenizer.encode_special_tokens,
+            "word_suffix": self._word_suffix}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     tokenizer = tokenizers.Tokenizer.from_str(state["json"])
     tokenizer.encode_special_tokens = state["encode_special_tokens"]
-    self.__init__(tokenizer, state["clean_up"])
+    self.__init__(tokenizer, state["clean_up"], state.get("word_suffix"))
+
+
+def _clip_tokenizer(file_tokenizer: tokenizers.Tokenizer, named: dict[str, Any],
+                    path: str) -> tokenizers.Tokenizer:
+  """CLIP's tokenizer as transformers 5 rebuilds it from a file: the file's BPE vocabulary and
+  merges and its added tokens, with CLIPTokenizer's own pipeline (NFC, whitespace runs to one
+  space, lower-casing; CLIP's split then byte-level; "</w>" ending each word), whatever
+  pipeline the file holds."""
+  state = json.loads(file_tokenizer.to_str())
+  model = state.get("model") or {}
+  if model.get("type") != "BPE":
+    raise ValueError(f"{path}: a CLIPTokenizer needs a BPE model, the file holds "
+                     f"{model.get('type')!r}")
+  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab=model["vocab"], merges=merges, dropout=None, continuing_subword_prefix="",
+      end_of_word_suffix="</w>", fuse_unk=False, unk_token=_content(named["unk_token"])))
+  tokenizer.normalizer = tokenizers.normalizers.Sequence([
+      tokenizers.normalizers.NFC(),
+      tokenizers.normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
+      tokenizers.normalizers.Lowercase()])
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+      tokenizers.pre_tokenizers.Split(tokenizers.Regex(_CLIP_SPLIT), behavior="removed",
+                                      invert=True),
+      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  added = file_tokenizer.get_added_tokens_decoder()
+  tokenizer.add_tokens([added[i] for i in sorted(added)])
+  return tokenizer
 
 
 def _add_missing_tokens(tokenizer: tokenizers.Tokenizer, tokenizer_config: dict[str, Any],
@@ -464,12 +591,26 @@ class _SentencePieceBackend:
         ids.append(self._added_ids[chunk])
       elif chunk:
         ids.extend(self._processor.encode(chunk))
-    if add_special_tokens:
-      bos, eos = (self.token_to_id(_content(self.named[key])) if key in self.named else None
-                  for key in ("bos_token", "eos_token"))
-      ids = ([bos] if self._add_bos and bos is not None else []) + ids + (
-          [eos] if self._add_eos and eos is not None else [])
-    return ids
+    return self._with_special(ids) if add_special_tokens else ids
+
+  def encode_truncated(self, texts: list[str], max_len: int) -> list[list[int]]:
+    """Each text's ids, cut to max_len as transformers cuts them: the text's ids first, so
+    that bos / eos stay."""
+    special = int(self._add_bos and "bos_token" in self.named) + int(
+        self._add_eos and "eos_token" in self.named)
+    if max_len < special:
+      raise ValueError(f"max_len={max_len} leaves no room for the {special} special tokens")
+    rows = []
+    for text in texts:
+      content = self.encode(text, add_special_tokens=False)[:max_len - special]
+      rows.append(self._with_special(content))
+    return rows
+
+  def _with_special(self, ids: list[int]) -> list[int]:
+    bos, eos = (self.token_to_id(_content(self.named[key])) if key in self.named else None
+                for key in ("bos_token", "eos_token"))
+    return ([bos] if self._add_bos and bos is not None else []) + ids + (
+        [eos] if self._add_eos and eos is not None else [])
 
   def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
     # As the converted tokenizer's decoder: pieces with "▁" as space, byte pieces joined into
@@ -513,3 +654,108 @@ class _SentencePieceBackend:
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__init__(state["model_proto"], [_added_token(t) for t in state["added"]],
                   state["add_bos"], state["add_eos"], state["named"])
+
+
+class _SiglipBackend(_SentencePieceBackend):
+  """SigLIP's SentencePiece tokenizer as transformers' `SiglipTokenizer` (the slow, Python
+  one; there is no fast one): big_vision's canonicalisation of each stretch of text between
+  special tokens (lower-cased where `do_lower_case`, ASCII punctuation removed, whitespace runs
+  to one space, stripped), special tokens matched on the raw text and eating the whitespace
+  around them, and "</s>" appended unless the ids already end with it."""
+
+  def __init__(self, model_proto: bytes, added: list[AddedToken], add_bos: bool, add_eos: bool,
+               named: dict[str, Any], do_lower_case: bool = True):
+    super().__init__(model_proto, added, add_bos, add_eos, named)
+    self._do_lower_case = do_lower_case
+    self._flags = {token.content: token for token in added}
+    self._unk = _content(named["unk_token"])
+    self._unk_length = len(self._processor.encode(self._unk, out_type=str))
+
+  @classmethod
+  def load(cls, path: str, tokenizer_config: dict[str, Any], named: dict[str, Any],
+           extra: list[Any]) -> _SiglipBackend:
+    named = dict(named)
+    for key, default in _SIGLIP_DEFAULTS.items():
+      # SiglipTokenizer's own special tokens strip the whitespace on either side, whatever
+      # flags the saved config gives them.
+      named[key] = AddedToken(_content(named.get(key, default)), lstrip=True, rstrip=True,
+                              normalized=False, special=True)
+    base = _SentencePieceBackend.load(path, {**tokenizer_config, "add_bos_token": False,
+                                             "add_eos_token": True}, named, extra)
+    return cls(base._model_proto, base._added_list, False, True, base.named,
+               bool(tokenizer_config.get("do_lower_case", True)))
+
+  def _canonical_pieces(self, text: str) -> list[str]:
+    if self._do_lower_case:
+      text = text.lower()
+    text = text.translate(_ASCII_PUNCTUATION)
+    text = re.sub(r"\s+", " ", text).strip()
+    pieces = self._processor.encode(self._unk + text, out_type=str)
+    return pieces[self._unk_length:] if len(pieces) >= self._unk_length else pieces
+
+  def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    text = "▁" + text.replace("▁", " ")
+    chunks = self._pattern.split(text) if self._pattern else [text]
+    for i, chunk in enumerate(chunks):
+      token = self._flags.get(chunk) if i % 2 else None
+      if token is None:
+        continue
+      if token.rstrip and i + 1 < len(chunks) and chunks[i + 1]:
+        chunks[i + 1] = chunks[i + 1].lstrip()
+      if token.lstrip and i > 0 and chunks[i - 1]:
+        chunks[i - 1] = chunks[i - 1].rstrip()
+    pieces: list[str] = []
+    for i, chunk in enumerate(chunks):
+      if not chunk:
+        continue
+      pieces.extend([chunk] if i % 2 else self._canonical_pieces(chunk))
+    if len(pieces) > 1 and pieces[0] == "▁" and pieces[1] in self._added_ids:
+      pieces = pieces[1:]
+    ids = [self._added_ids[piece] if piece in self._added_ids
+           else self._processor.piece_to_id(piece) for piece in pieces]
+    return self._with_special(ids) if add_special_tokens else ids
+
+  def _with_special(self, ids: list[int]) -> list[int]:
+    eos = self.token_to_id(_content(self.named["eos_token"]))
+    return ids if ids and ids[-1] == eos else ids + [eos]
+
+  def encode_truncated(self, texts: list[str], max_len: int) -> list[list[int]]:
+    if max_len < 1:
+      raise ValueError(f"max_len={max_len} leaves no room for the eos token")
+    return [self._with_special(self.encode(text, add_special_tokens=False)[:max_len - 1])
+            for text in texts]
+
+  def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+    # As SiglipTokenizer.convert_tokens_to_string: stretches of pieces decoded by the model,
+    # special tokens as their text with a space before a run of them, the whole stripped.
+    text, pieces, previous_special = "", [], False
+    for token_id in ids:
+      if skip_special_tokens and token_id in self._special:
+        continue
+      token = self._added_texts.get(token_id)
+      if token is None and 0 <= token_id < self._processor.vocab_size():
+        token = self._processor.id_to_piece(token_id)
+      if token is None:
+        continue
+      if token_id in self._special:
+        text += ("" if previous_special else " ") + self._processor.decode(pieces) + token
+        pieces, previous_special = [], True
+      else:
+        pieces.append(token)
+        previous_special = False
+    return (text + self._processor.decode(pieces)).strip()
+
+  def with_added_tokens(self, tokens: list[str]) -> _SiglipBackend:
+    added = self._added_list + [AddedToken(t, special=True, normalized=False) for t in tokens]
+    return _SiglipBackend(self._model_proto, added, False, True, self.named,
+                          self._do_lower_case)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**super().__getstate__(), "do_lower_case": self._do_lower_case}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["model_proto"], [_added_token(t) for t in state["added"]],
+                  state["add_bos"], state["add_eos"], state["named"], state["do_lower_case"])
+
+
+_ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)

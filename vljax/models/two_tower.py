@@ -91,10 +91,12 @@ class TwoTower(nn.Module):
     self.t_prime, self.bias = contrastive_parameters(self)
 
   def __call__(self, images_bhwc: jax.Array | None, tokens_bt: jax.Array | None,
-               train: bool = False) -> dict[str, jax.Array | None]:
+               train: bool = False, *,
+               text_valid_bt: jax.Array | None = None) -> dict[str, jax.Array | None]:
     """-> {"zimg": [B, D] or None, "ztxt": [B, D] or None, "scale": [] (exp t', clamped),
     "bias": [] (sigmoid only), "img/pre_logits", "img/tokens" (with images),
-    "txt/pre_logits", "txt/tokens" (with tokens)}; the embeddings are float32, L2-normalised."""
+    "txt/pre_logits", "txt/tokens" (with tokens)}; the embeddings are float32, L2-normalised.
+    `text_valid_bt` (bool [B, T]) marks the real text tokens (see TextTransformer.__call__)."""
     out: dict[str, jax.Array | None] = {"zimg": None, "ztxt": None}
     if images_bhwc is not None:
       features, img_aux = self.img(images_bhwc, train=train)
@@ -102,7 +104,7 @@ class TwoTower(nn.Module):
       out["img/pre_logits"] = img_aux["pre_logits"]
       out["img/tokens"] = img_aux["tokens"]
     if tokens_bt is not None:
-      features, txt_aux = self.txt(tokens_bt, train=train)
+      features, txt_aux = self.txt(tokens_bt, train=train, valid_bt=text_valid_bt)
       out["ztxt"] = l2_normalize(features.astype(jnp.float32))
       out["txt/pre_logits"] = txt_aux["pre_logits"]
       out["txt/tokens"] = txt_aux["tokens"]

@@ -59,7 +59,9 @@ class ViT(nn.Module):
   posemb: str = "learn"  # "learn" | "sincos2d"
   pool: str = "gap"  # "gap" | "cls" | "map" | "none"
   pre_norm: bool = False  # CLIP's ln_pre after the embeddings
+  patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
   act: str = "gelu"
+  map_act: str = "gelu"  # the MLP activation of the MAP head (SigLIP: "gelu_tanh")
   norm_eps: float = 1e-6
   dropout: float = 0.0
   out_dim: int | None = None  # linear projection of the pooled features (a head or CLIP's proj)
@@ -81,7 +83,8 @@ class ViT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     images_bhwc = constrain(images_bhwc.astype(self.dtype), ("batch", None, None, None))
     if self.stem == "patch":
-      x = PatchEmbed(s["patch_size"], s["width"], name="embedding", **kw)(images_bhwc)
+      x = PatchEmbed(s["patch_size"], s["width"], use_bias=self.patch_bias, name="embedding",
+                     **kw)(images_bhwc)
     elif self.stem == "conv":
       x = ConvStem(s["patch_size"], s["width"], name="conv_stem", **kw)(images_bhwc)
     else:
@@ -109,8 +112,8 @@ class ViT(nn.Module):
                     name="encoder")(x, deterministic=not train)
     aux["tokens"] = x
     if self.pool == "map":
-      pooled = AttentionPool(s["num_heads"], mlp_dim=s["mlp_dim"], norm_eps=self.norm_eps,
-                             name="map_head", **kw)(x)[:, 0]
+      pooled = AttentionPool(s["num_heads"], mlp_dim=s["mlp_dim"], act=self.map_act,
+                             norm_eps=self.norm_eps, name="map_head", **kw)(x)[:, 0]
     elif self.pool == "none":
       pooled = x
     else:

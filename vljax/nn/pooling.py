@@ -42,6 +42,7 @@ class AttentionPool(nn.Module):
   num_queries: int = 1
   width: int | None = None  # query and output width; None: the token width
   mlp_dim: int | None = None
+  act: str = "gelu"  # the MAP head's MLP activation (SigLIP: "gelu_tanh", as its encoder)
   probe_init: Initializer = nn.initializers.xavier_uniform()  # CoCa: normal(width ** -0.5)
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -59,5 +60,5 @@ class AttentionPool(nn.Module):
     if self.mlp_dim is None:
       return LayerNorm(self.norm_eps, dtype=self.dtype, name="norm")(x_bqw)
     y_bqw = LayerNorm(self.norm_eps, dtype=self.dtype, name="norm")(x_bqw)
-    return x_bqw + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+    return x_bqw + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, param_dtype=self.param_dtype,
                             name="mlp")(y_bqw)
