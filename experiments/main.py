@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from vljax.data.pipeline import data_config, require_source
 from vljax.errors import EXIT_USAGE, ConfigError, report
-from vljax.train.config import apply_overrides, load_config, validate
+from vljax.train.config import apply_overrides, load_config, split_overrides, validate
 from vljax.train.reporting import setup_logging
 # pylint: enable=wrong-import-position
 
@@ -55,21 +55,6 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "With a TPU dry run: the model FLOPs utili
                           "reported step time assumes.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback of an error, and debug "
                              "lines of the vljax log.")
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(argv without its `--config.PATH=VALUE` arguments, their "PATH=VALUE" strings): absl would
-  reject them as unknown flags."""
-  rest, overrides = [], []
-  for i, arg in enumerate(argv):
-    if arg == "--":
-      rest += argv[i:]
-      break
-    if arg.startswith("--config."):
-      overrides.append(arg[len("--config."):])
-    else:
-      rest.append(arg)
-  return rest, overrides
-
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag reported as a one-line usage error."""

@@ -3,7 +3,9 @@ compilation cache per test run, so the many tiny runs that compile the same prog
 process, in xdist workers and in the subprocesses they start) compile each once."""
 import os
 import shutil
+import sys
 import tempfile
+import types
 
 # Must happen before jax is imported anywhere in the test process. Workers and subprocesses
 # inherit the environment, so they share the cache directory made here by the first process.
@@ -14,6 +16,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["VLJAX_TEST_CACHE_OWNER"] = str(os.getpid())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+# open_clip (a parity reference) needs torchvision, and the one torchvision wheel PyPI has for
+# the CPU torch the test extra pins (0.28.0 for torch 2.13.0) is a CUDA build whose compiled ops
+# cannot load without CUDA libraries; importing it then fails while registering fake kernels
+# for those ops (torchvision._meta_registrations), which breaks transformers' and open_clip's
+# imports. The tests use only torchvision's Python transforms, so that one module is skipped.
+sys.modules.setdefault("torchvision._meta_registrations",
+                       types.ModuleType("torchvision._meta_registrations"))
 
 
 def pytest_unconfigure(config):  # pylint: disable=unused-argument

@@ -279,3 +279,20 @@ def test_refusals(hf_dir, tmp_path):
     hf_clip.save(tmp_path / "clamped", model.clone(max_scale=100.0), params)
   with pytest.raises(NotImplementedError, match="vision_use_head"):
     hf_clip.config_from_hf({"model_type": "siglip", "vision_config": {"vision_use_head": False}})
+
+
+def test_another_image_size_resamples_as_transformers(hf_dir):
+  """Loaded for 28px images (a 7 x 7 grid from the 5 x 5 table), the outputs equal
+  transformers' with `interpolate_pos_encoding=True` at 28px."""
+  name, path, hf_model = hf_dir
+  model, params = hf_clip.load(path, image_size=28)
+  table = params["img"]["pos_embedding"]["pos_embedding"]
+  assert table.shape[1] == 49 + (name != "siglip")
+  pixels = np.random.default_rng(3).normal(size=(2, 3, 28, 28)).astype(np.float32)
+  with torch.no_grad():
+    out = hf_model(input_ids=torch.tensor(TOKENS[name]), pixel_values=torch.tensor(pixels),
+                   interpolate_pos_encoding=True)
+  zimg, _, logits = _vljax_forward(model, params, pixels, TOKENS[name])
+  np.testing.assert_allclose(zimg, out.image_embeds.numpy(), atol=1e-4)
+  np.testing.assert_allclose(logits, out.logits_per_text.numpy(), atol=1e-4 * 150)
+  assert hf_clip.image_size_of(model, params) == 28

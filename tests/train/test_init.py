@@ -11,6 +11,7 @@ import pytest
 
 from tests.train.helpers import random_batch, tiny_config
 from vljax.data.pipeline import global_batch
+from vljax.convert import checkpoints
 from vljax.errors import ConfigError
 from vljax.train import initialise
 from vljax.train.checkpoint import Checkpointer, load_params
@@ -57,10 +58,11 @@ def load(exp, params, entries):
 
 def count_reads(monkeypatch):
   reads = []
+  read = checkpoints.read
   def counting(path):
     reads.append(path)
-    return load_params(path)
-  monkeypatch.setattr(initialise, "load_params", counting)
+    return read(path)
+  monkeypatch.setattr(checkpoints, "read", counting)
   return reads
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.convert import hf
+from vljax.convert import hf, posemb
 from vljax.models.text import TextTransformer
 from vljax.models.two_tower import TwoTower
 from vljax.models.vit import ViT
@@ -90,6 +90,11 @@ _TEXT_FIELDS = ("vocab_size", "max_len", "causal", "pool", "pad_id", "eot_id", "
 
 
 # --- Configs ---------------------------------------------------------------------------------
+
+
+def handles(model_type: Any) -> bool:
+  """Whether a config.json's model_type is this module's to read (or to refuse by name)."""
+  return model_type in SUPPORTED_MODEL_TYPES or model_type in _REFUSED_MODEL_TYPES
 
 
 def model_type_of(config: Mapping[str, Any] | None, path: str = "the directory") -> str:
@@ -172,7 +177,7 @@ def config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
   return dict(image=image, text=txt, embed_dim=projection, contrastive="sigmoid", max_scale=None)
 
 
-def _towers(model: TwoTower) -> tuple[ViT, TextTransformer]:
+def tower_modules(model: TwoTower) -> tuple[ViT, TextTransformer]:
   """The towers TwoTower.setup builds (unbound, for their resolved fields and sizes)."""
   image = ViT(**{"out_dim": model.embed_dim, **dict(model.image)})
   text = TextTransformer(**{"out_dim": model.embed_dim, **dict(model.text)})
@@ -181,7 +186,7 @@ def _towers(model: TwoTower) -> tuple[ViT, TextTransformer]:
 
 def _describe(model: TwoTower) -> dict[str, Any]:
   """The fields that decide what `model` computes, sizes resolved."""
-  image, text = _towers(model)
+  image, text = tower_modules(model)
   out = {"contrastive": model.contrastive}
   out.update({f"image.{k}": v for k, v in image.sizes().items()})
   out.update({f"image.{k}": getattr(image, k) for k in _IMAGE_FIELDS})
@@ -209,7 +214,7 @@ def hf_config(model: TwoTower, *, image_size: int, **extra: Any) -> dict[str, An
   cannot express raise a ValueError naming the fields. `extra` adds or overrides entries."""
   if not isinstance(model, TwoTower):
     raise TypeError(f"hf_config exports vljax TwoTower modules, got {type(model).__name__}")
-  image, text = _towers(model)
+  image, text = tower_modules(model)
   si, st = image.sizes(), text.sizes()
 
   def tower(s, act, eps):
@@ -465,20 +470,31 @@ def unstack_layers(params: Mapping, fields: Mapping[str, Any]) -> dict:
 # --- Reading ---------------------------------------------------------------------------------
 
 
-def from_hf(config: Mapping[str, Any], tensors: Mapping[str, Any], *,
-            scan: bool = False) -> tuple[TwoTower, dict]:
+def from_hf(config: Mapping[str, Any], tensors: Mapping[str, Any], *, scan: bool = False,
+            image_size: int | None = None) -> tuple[TwoTower, dict]:
   """(TwoTower, params) of a config.json dict and a state dict of arrays (what `read_hf_dir`
-  returns)."""
+  returns). `image_size` other than the config's resamples the position embeddings as
+  transformers' `interpolate_pos_encoding=True` does (bicubic, not antialiased)."""
   fields = config_from_hf(config)
   if scan:
     fields = dict(fields, image=dict(fields["image"], scan=True),
                   text=dict(fields["text"], scan=True))
-  return TwoTower(**fields), from_hf_state_dict(tensors, config, scan=scan)
+  model = TwoTower(**fields)
+  params = from_hf_state_dict(tensors, config, scan=scan)
+  if image_size is not None and image_size != _image_size(config):
+    image, _ = tower_modules(model)
+    params = posemb.resize_image_tower(params, "img", image_size=image_size,
+                                       patch_size=image.sizes()["patch_size"],
+                                       num_prefix=1 if image.pool == "cls" else 0,
+                                       method="bicubic")
+  return model, params
 
 
-def load(path: str | os.PathLike[str], *, scan: bool = False) -> tuple[TwoTower, dict]:
+def load(path: str | os.PathLike[str], *, scan: bool = False,
+         image_size: int | None = None) -> tuple[TwoTower, dict]:
   """(TwoTower, params as NumPy arrays) of a transformers CLIPModel / SiglipModel directory.
-  Images are [B, H, W, 3] at the config's image_size (transformers' pixel_values transposed).
+  Images are [B, H, W, 3] at the config's image_size (transformers' pixel_values transposed),
+  or at `image_size` with the position embeddings resampled as transformers does.
   Unsupported model types (SigLIP 2 among them), missing files, pickle-only directories, keys
   the mapping does not expect or lacks and shape mismatches raise naming the problem."""
   path = os.fspath(path)
@@ -494,7 +510,7 @@ def load(path: str | os.PathLike[str], *, scan: bool = False) -> tuple[TwoTower,
   config, tensors = hf.read_hf_dir(path)
   model_type_of(config, path)
   try:
-    return from_hf(config, tensors, scan=scan)
+    return from_hf(config, tensors, scan=scan, image_size=image_size)
   except NotImplementedError as e:
     raise NotImplementedError(f"{path}: {e}") from e
   except ValueError as e:
@@ -506,7 +522,7 @@ def load(path: str | os.PathLike[str], *, scan: bool = False) -> tuple[TwoTower,
 
 def image_size_of(model: TwoTower, params: Mapping) -> int:
   """The square image size whose patch grid fills the image tower's position table."""
-  image, _ = _towers(model)
+  image, _ = tower_modules(model)
   table = nn.meta.unbox(params)["img"]["pos_embedding"]["pos_embedding"]
   positions = table.shape[1] - (1 if image.pool == "cls" else 0)
   grid = math.isqrt(positions)

@@ -9,6 +9,7 @@ examples; `global_batch` assembles the processes' local batches into arrays shar
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import grain
@@ -75,7 +76,9 @@ DATA_DEFAULTS = dict(
     max_text_len=32,
     text_bos=False,  # prepend BOS (BERT-style CLS pooling needs it)
     text_eos=True,
-    tokenizer="",  # path of a sentencepiece model; "" = the shapes world tokenizer
+    # a SentencePiece .model file, or a Hugging Face model / tokenizer directory (tokenizer.json
+    # or tokenizer.model: CLIP's BPE, SigLIP's, LLaMA's, ...); "" = the shapes world tokenizer
+    tokenizer="",
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
     workers=0,  # grain worker processes (0: in the main process)
@@ -162,10 +165,15 @@ CAPTION_CORPUS_VIEWS = ("caption", "text")
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
-  """The sentencepiece model at `cfg.tokenizer`, or the shapes tokenizer (of the captions for
-  the caption view, of every shapes text for the others), with the tokens the view adds
+  """The tokenizer at `cfg.tokenizer` (a SentencePiece model file, or a Hugging Face directory
+  read by `vljax.convert.hf_tokenizer.HFTokenizer`), or the shapes tokenizer (of the captions
+  for the caption view, of every shapes text for the others), with the tokens the view adds
   (`<image>`, `<ref>`, ...) after its vocabulary."""
   added = VIEWS[cfg.view].special_tokens if cfg.view in VIEWS else ()
+  if cfg.tokenizer and os.path.isdir(cfg.tokenizer):
+    from vljax.convert.hf_tokenizer import HFTokenizer  # pylint: disable=import-outside-toplevel
+    tokenizer = HFTokenizer(cfg.tokenizer)
+    return tokenizer.with_added_tokens(added) if added else tokenizer
   if cfg.tokenizer:
     return Tokenizer.from_file(cfg.tokenizer, added_tokens=added)
   return shapes_tokenizer(corpus="captions" if cfg.view in CAPTION_CORPUS_VIEWS else "all",

@@ -511,3 +511,18 @@ def load_config(name: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without its `--config.PATH=VALUE` arguments, their "PATH=VALUE" strings): absl would
+  reject them as unknown flags."""
+  rest, overrides = [], []
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      rest += argv[i:]
+      break
+    if arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return rest, overrides

@@ -32,6 +32,13 @@ def _pad_rows(inputs: Mapping[str, np.ndarray], start: int, size: int) -> tuple[
   return chunk, rows
 
 
+def batch_shards(mesh, rules) -> int:
+  """How many ways a global batch's leading axis is split on `mesh`."""
+  entry = batch_sharding(mesh, rules, 1).spec[0]
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
 def check_evals(evals: Mapping[str, Any]) -> None:
   """Validates every entry of config.evals (types, keys) without building anything."""
   for name, entry in dict(evals).items():
@@ -57,8 +64,12 @@ class Evaluation:
     return self._jitted[key]
 
   def predictor(self, params, batch_size: int):
-    """predict(name, inputs, **options) over host arrays -> host arrays (or dicts of them)."""
+    """predict(name, inputs, **options) over host arrays -> host arrays (or dicts of them).
+
+    Batches are rounded up to a multiple of the devices the batch axis is split over (the
+    padding rows are dropped), so any evaluator batch size runs on any mesh."""
     mesh, rules = self.exp.mesh, self.exp.rules
+    batch_size = -(-batch_size // batch_shards(mesh, rules)) * batch_shards(mesh, rules)
 
     def predict(name: str, inputs: Mapping[str, np.ndarray], **options):
       fn = self._jit(name, tuple(sorted(options.items())))

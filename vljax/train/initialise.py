@@ -5,43 +5,42 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.convert import hf_lm
-from vljax.train.checkpoint import load_params
+from vljax.convert import checkpoints
 from vljax.train.config import init_entries
 
 log = logging.getLogger("vljax")
 
 
 class _Source:
-  """The flat parameters of one checkpoint. A Hugging Face directory (read unscanned) also
-  offers them with their layers stacked, for a model that scans them; made on first use."""
+  """The flat parameters of one checkpoint. An imported one (read unscanned) also offers them
+  with their layers stacked, for a model that scans them; made on first use."""
 
-  def __init__(self, params: Any, hf_model: Any = None):
-    self.first = flax.traverse_util.flatten_dict(params, sep="/")
-    self._params, self._hf_model, self._scanned = params, hf_model, None
+  def __init__(self, imported: checkpoints.Imported):
+    self.first = flax.traverse_util.flatten_dict(imported.params, sep="/")
+    self._imported, self._scanned = imported, None
 
   def layouts(self):
     yield self.first
-    if self._hf_model is not None:
+    if self._imported.scanned is not None:
       if self._scanned is None:
         self._scanned = flax.traverse_util.flatten_dict(
-            hf_lm.scan_params(self._hf_model, self._params), sep="/")
+            self._imported.scanned(self._imported.params), sep="/")
       yield self._scanned
 
 
 def load_init_params(config, params, shardings, frozen):
   """`params` with the parameters that config.init's entries select copied in (see init_entries).
 
-  A checkpoint is a vljax workdir / checkpoint, or a Hugging Face model directory (config.json
-  and safetensors of a LLaMA, OPT, GPT-2 or T5, read by `vljax.convert.hf_lm.load`) whose
-  parameters are named as the vljax module's (e.g. "decoder/layer_0/self_attn/query/kernel"),
+  A checkpoint is any format `vljax.convert.checkpoints.read` reads: a vljax workdir /
+  checkpoint, or an imported one (a Hugging Face LLaMA / OPT / GPT-2 / T5 / CLIP / SigLIP
+  directory, ...) whose parameters are named as the vljax module's (e.g.
+  "decoder/layer_0/self_attn/query/kernel", "img/encoder/layer_0/..."),
   with the layers stacked ("decoder/layers/...") where this model scans them. Each entry's
   checkpoint is read once (entries naming the same one share the read). Raises,
   naming the entry, for a checkpoint that does not exist or holds no vljax checkpoint, a `params`
@@ -53,22 +52,21 @@ def load_init_params(config, params, shardings, frozen):
   def read(name: str, checkpoint: str) -> _Source:
     if not os.path.exists(checkpoint):
       raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} does not exist")
-    if hf_lm.is_hf_dir(checkpoint):
-      try:
-        model, source = hf_lm.load(checkpoint)
-      except FileNotFoundError as e:
-        raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} is not a readable Hugging "
-                                f"Face model directory ({e})") from None
-      except (ValueError, NotImplementedError) as e:
-        raise ValueError(f"{name}.checkpoint={checkpoint!r} is not a Hugging Face model vljax "
-                         f"reads ({e})") from None
-      return _Source(source, model)
     try:
-      source = load_params(checkpoint)
+      fmt = checkpoints.detect(checkpoint)
+    except ValueError as e:
+      raise ValueError(f"{name}.checkpoint={checkpoint!r}: {e}") from None
+    try:
+      return _Source(checkpoints.read(checkpoint))
     except FileNotFoundError as e:
-      raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} holds no vljax checkpoint "
-                              f"({e})") from None
-    return _Source(source)
+      if fmt == "vljax":
+        raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} holds no vljax checkpoint "
+                                f"({e})") from None
+      raise FileNotFoundError(f"{name}.checkpoint={checkpoint!r} is not a readable "
+                              f"{checkpoints.describe(fmt)} ({e})") from None
+    except (ValueError, NotImplementedError) as e:
+      raise ValueError(f"{name}.checkpoint={checkpoint!r} is not a {checkpoints.describe(fmt)} "
+                       f"vljax reads ({e})") from None
 
   def rename(entry, src: str) -> str:
     return re.sub(entry["to"][0], entry["to"][1], src, count=1) if entry["to"] else src

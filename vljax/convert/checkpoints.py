@@ -1,0 +1,164 @@
+"""Every checkpoint format vljax reads, behind one call: `read(path) -> Imported`.
+
+`experiments/eval.py --checkpoint=PATH` and `config.init` (`vljax.train.initialise`) both read
+checkpoints through this registry, so a format added here is evaluated, fine-tuned and used as
+a frozen tower (LiT) without touching either. A format is detected from the path:
+
+  vljax         a vljax workdir, its checkpoints dir, or one step dir (orbax)
+  transformers  a Hugging Face model directory (config.json + safetensors): CLIP and SigLIP
+                (`hf_clip`), LLaMA / OPT / GPT-2 / T5 (`hf_lm`)
+  big_vision    a big_vision SigLIP parameter file (`.npz`, `big_vision`)
+
+An imported model comes with what a config needs to rebuild it: `family`, the `config.model`
+fields of the module the importer built (less those the tokenizer and `config.loss` own), and
+hints for `config.data` / `config.loss` (image size and normalisation, tokenizer, text length,
+contrastive loss). A vljax checkpoint has none: its config is the one given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+
+from vljax.convert import big_vision, hf, hf_clip, hf_image, hf_lm
+from vljax.models import t5
+from vljax.models.two_tower import TwoTower
+
+# Module fields a config does not set: the runtime dtypes (config.compute_dtype) and, as in
+# `vljax.families.base.FIELD_OWNERS`, what the tokenizer and config.loss own.
+_NOT_CONFIG_FIELDS = ("parent", "name", "dtype", "param_dtype", "pad_id", "contrastive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+  """A checkpoint read into vljax's parameter layout (layers unscanned unless it was saved
+  scanned)."""
+
+  format: str  # "vljax" | "transformers" | ...
+  path: str
+  params: Any
+  family: str | None = None  # config.family of the model; None: the config says
+  model: Mapping[str, Any] | None = None  # config.model fields
+  data: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.data hints
+  loss: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.loss hints
+  scanned: Callable[[Any], Any] | None = None  # params -> the same with layers stacked
+
+  def apply_to(self, config) -> None:
+    """Sets config.family, config.model and the data / loss hints from this checkpoint."""
+    if self.family is not None:
+      config.family = self.family
+    if self.model is not None:
+      config.model = dict(self.model)
+    for key, value in self.data.items():
+      config.data[key] = value
+    for key, value in self.loss.items():
+      config.loss[key] = value
+
+
+def config_fields(module: nn.Module) -> dict[str, Any]:
+  """The `config.model` fields that rebuild `module` (sub-module dicts copied; dtypes, the pad id
+  and the contrastive loss left to the config and tokenizer)."""
+
+  def clean(value):
+    if isinstance(value, Mapping):
+      return {k: clean(v) for k, v in value.items() if k not in _NOT_CONFIG_FIELDS}
+    return list(value) if isinstance(value, tuple) else value
+
+  return {f.name: clean(getattr(module, f.name)) for f in dataclasses.fields(module)
+          if f.init and f.name not in _NOT_CONFIG_FIELDS}
+
+
+def _json(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return {}
+  return value if isinstance(value, dict) else {}
+
+
+def _has_tokenizer(directory: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, name))
+             for name in ("tokenizer.json", "tokenizer.model", "spiece.model"))
+
+
+def _read_transformers(path: str) -> Imported:
+  model_type = _json(os.path.join(path, hf.CONFIG_NAME)).get("model_type")
+  if hf_clip.handles(model_type):
+    model, params = hf_clip.load(path)
+    text = model.text
+    data: dict[str, Any] = dict(image_size=hf_clip.image_size_of(model, params),
+                                max_text_len=int(text["max_len"]),
+                                text_bos=model_type == "clip", text_eos=True)
+    if os.path.isfile(os.path.join(path, hf_image.PREPROCESSOR_CONFIG)):
+      processor = hf_image.ImageProcessor.from_pretrained(path)
+      data.update(image_mean=tuple(float(x) for x in processor.image_mean),
+                  image_std=tuple(float(x) for x in processor.image_std))
+    if _has_tokenizer(path):
+      data["tokenizer"] = path
+    return _two_tower("transformers", path, model, params, data)
+  model, params = hf_lm.load(path)
+  family = "t5" if isinstance(model, t5.T5) else "lm"
+  data = {"tokenizer": path} if _has_tokenizer(path) else {}
+  return Imported("transformers", path, params, family=family, model=config_fields(model),
+                  data=data, scanned=lambda p: hf_lm.scan_params(model, p))
+
+
+def _two_tower(fmt: str, path: str, model: TwoTower, params: Any,
+               data: Mapping[str, Any]) -> Imported:
+  image, text = hf_clip.tower_modules(model)
+  depths = {"image": {"depth": image.sizes()["depth"]}, "text": {"depth": text.sizes()["depth"]}}
+  return Imported(fmt, path, params, family="two_tower", model=config_fields(model),
+                  data=dict(data), loss=dict(contrastive=model.contrastive),
+                  scanned=lambda p: hf_clip.stack_layers(p, depths))
+
+
+def _read_big_vision(path: str) -> Imported:
+  model, params = big_vision.load(path)
+  # big_vision's SigLIP input pipeline: images in [-1, 1], texts padded to the tower's length
+  # with the sticky EOS last (the tokenizer is not part of the file).
+  data = dict(image_size=hf_clip.image_size_of(model, params), image_mean=(0.5, 0.5, 0.5),
+              image_std=(0.5, 0.5, 0.5), max_text_len=int(model.text["max_len"]), text_eos=True)
+  return _two_tower("big_vision", path, model, params, data)
+
+
+def _read_vljax(path: str) -> Imported:
+  from vljax.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
+  return Imported("vljax", path, load_params(path))
+
+
+# (name, what it is called in errors, detect(path) -> bool, read(path) -> Imported), tried in
+# order; vljax (any directory) last.
+FORMATS: tuple[tuple[str, str, Callable[[str], bool], Callable[[str], Imported]], ...] = (
+    ("transformers", "Hugging Face model", hf_lm.is_hf_dir, _read_transformers),
+    ("big_vision", "big_vision .npz file", lambda path: path.endswith(".npz"), _read_big_vision),
+    ("vljax", "vljax checkpoint", os.path.isdir, _read_vljax),
+)
+
+
+def describe(name: str) -> str:
+  """What format `name` is called in messages ("Hugging Face model" for transformers)."""
+  return next(desc for fmt, desc, _, _ in FORMATS if fmt == name)
+
+
+def detect(path: str | os.PathLike[str]) -> str:
+  """The name of the format `path` is in; raises naming the path and the formats if none."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint at {path}")
+  for name, _, matches, _ in FORMATS:
+    if matches(path):
+      return name
+  raise ValueError(f"{path} is not a checkpoint vljax reads; formats: "
+                   f"{', '.join(desc for _, desc, _, _ in FORMATS)}")
+
+
+def read(path: str | os.PathLike[str]) -> Imported:
+  """The checkpoint at `path`, in whichever format it is (see the module docstring)."""
+  path = os.fspath(path)
+  name = detect(path)
+  reader = next(read for fmt, _, _, read in FORMATS if fmt == name)
+  return reader(path)
