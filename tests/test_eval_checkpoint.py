@@ -76,7 +76,8 @@ def test_eval_cli_on_an_exported_model_reports_the_original_top1(data_dir, tmp_p
   # The same parameters through the registry land in the experiment unchanged.
   imported = checkpoints.read(hf_dir)
   assert (imported.format, imported.family) == ("transformers", "two_tower")
-  assert imported.data["image_size"] == 20 and imported.loss == {"contrastive": "softmax"}
+  assert imported.data == {"image_size": 20, "max_text_len": 16}  # no tokenizer in the directory
+  assert imported.loss == {"contrastive": "softmax"}
   with exp.context():
     placed = checkpoint_params(exp, imported)
   jax.tree.map(np.testing.assert_array_equal, placed, params)
@@ -102,6 +103,12 @@ def test_eval_cli_on_an_exported_model_reports_the_original_top1(data_dir, tmp_p
   jax.tree.map(np.testing.assert_array_equal, lit_params["img"], params["img"])
   assert not np.array_equal(lit_params["txt"]["token_embedding"]["embedding"],
                             params["txt"]["token_embedding"]["embedding"])
+  # Fine-tuning at 28px (a 7 x 7 grid): the position table is resampled as transformers does.
+  lit.data.image_size = 28
+  lit_params = build_experiment(lit, devices=jax.devices()[:1]).init().params
+  _, resampled = hf_clip.load(hf_dir, image_size=28)
+  assert lit_params["img"]["pos_embedding"]["pos_embedding"].shape == (1, 50, 32)
+  jax.tree.map(np.testing.assert_array_equal, lit_params["img"], resampled["img"])
 
   workdir = tmp_path / "eval"
   done = subprocess.run(

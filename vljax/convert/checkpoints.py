@@ -45,6 +45,9 @@ class Imported:
   data: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.data hints
   loss: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.loss hints
   scanned: Callable[[Any], Any] | None = None  # params -> the same with layers stacked
+  # How its code resamples a ViT's position table for another image size (vljax.convert.posemb):
+  # config.init does so when the model sees other images than the checkpoint did.
+  posemb_method: str = "bicubic"
 
   def apply_to(self, config) -> None:
     """Sets config.family, config.model and the data / loss hints from this checkpoint."""
@@ -89,16 +92,14 @@ def _read_transformers(path: str) -> Imported:
   model_type = _json(os.path.join(path, hf.CONFIG_NAME)).get("model_type")
   if hf_clip.handles(model_type):
     model, params = hf_clip.load(path)
-    text = model.text
     data: dict[str, Any] = dict(image_size=hf_clip.image_size_of(model, params),
-                                max_text_len=int(text["max_len"]),
-                                text_bos=model_type == "clip", text_eos=True)
+                                max_text_len=int(model.text["max_len"]))
     if os.path.isfile(os.path.join(path, hf_image.PREPROCESSOR_CONFIG)):
       processor = hf_image.ImageProcessor.from_pretrained(path)
       data.update(image_mean=tuple(float(x) for x in processor.image_mean),
                   image_std=tuple(float(x) for x in processor.image_std))
-    if _has_tokenizer(path):
-      data["tokenizer"] = path
+    if _has_tokenizer(path):  # its template: CLIP's bos text eos, SigLIP's text eos
+      data.update(tokenizer=path, text_bos=model_type == "clip", text_eos=True)
     return _two_tower("transformers", path, model, params, data)
   model, params = hf_lm.load(path)
   family = "t5" if isinstance(model, t5.T5) else "lm"
@@ -107,13 +108,13 @@ def _read_transformers(path: str) -> Imported:
                   data=data, scanned=lambda p: hf_lm.scan_params(model, p))
 
 
-def _two_tower(fmt: str, path: str, model: TwoTower, params: Any,
-               data: Mapping[str, Any]) -> Imported:
+def _two_tower(fmt: str, path: str, model: TwoTower, params: Any, data: Mapping[str, Any],
+               posemb_method: str = "bicubic") -> Imported:
   image, text = hf_clip.tower_modules(model)
   depths = {"image": {"depth": image.sizes()["depth"]}, "text": {"depth": text.sizes()["depth"]}}
   return Imported(fmt, path, params, family="two_tower", model=config_fields(model),
                   data=dict(data), loss=dict(contrastive=model.contrastive),
-                  scanned=lambda p: hf_clip.stack_layers(p, depths))
+                  scanned=lambda p: hf_clip.stack_layers(p, depths), posemb_method=posemb_method)
 
 
 def _read_big_vision(path: str) -> Imported:
@@ -122,7 +123,7 @@ def _read_big_vision(path: str) -> Imported:
   # with the sticky EOS last (the tokenizer is not part of the file).
   data = dict(image_size=hf_clip.image_size_of(model, params), image_mean=(0.5, 0.5, 0.5),
               image_std=(0.5, 0.5, 0.5), max_text_len=int(model.text["max_len"]), text_eos=True)
-  return _two_tower("big_vision", path, model, params, data)
+  return _two_tower("big_vision", path, model, params, data, posemb_method="bilinear_corners")
 
 
 def _read_vljax(path: str) -> Imported:

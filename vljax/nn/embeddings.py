@@ -49,7 +49,9 @@ def apply_rotary(x_bthd: jax.Array, positions_bt: jax.Array, base: float = 10_00
 
 
 def sincos_2d(height: int, width_patches: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-  """2-D sin-cos table [h * w, width] as in MoCo-v3 / big_vision: x and y each get width / 4 frequencies."""
+  """2-D sin-cos table [h * w, width] as MoCo-v3's: x and y each get width / 4 frequencies
+  temperature ** (-k / (width / 4)). (big_vision's `posemb_sincos_2d` divides by width / 4 - 1:
+  its sincos ViTs would need that variant; no importer reads them yet.)"""
   if width % 4:
     raise ValueError(f"2-D sincos width must be a multiple of 4, got {width}")
   y, x = np.mgrid[:height, :width_patches]

@@ -3,6 +3,7 @@ image tower from one run and the text tower from another, as multi-stage recipes
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.convert import checkpoints
+from vljax.convert import checkpoints, posemb
 from vljax.train.config import init_entries
 
 log = logging.getLogger("vljax")
@@ -24,6 +25,7 @@ class _Source:
   def __init__(self, imported: checkpoints.Imported):
     self.first = flax.traverse_util.flatten_dict(imported.params, sep="/")
     self._imported, self._scanned = imported, None
+    self.format, self.posemb_method = imported.format, imported.posemb_method
 
   def layouts(self):
     yield self.first
@@ -32,6 +34,22 @@ class _Source:
         self._scanned = flax.traverse_util.flatten_dict(
             self._imported.scanned(self._imported.params), sep="/")
       yield self._scanned
+
+
+def _resized_position_table(path: str, value, want_shape, method: str) -> np.ndarray | None:
+  """A ViT's learned position table ([1, prefix + rows * cols, D] at ".../pos_embedding/
+  pos_embedding") resampled to `want_shape`'s square grid, for a model that sees another image
+  size than the checkpoint's; None when `path` is no such table or the shapes say otherwise."""
+  shape, want = tuple(np.shape(value)), tuple(want_shape)
+  if (not path.endswith("pos_embedding/pos_embedding") or len(shape) != 3 or len(want) != 3
+      or shape[0] != want[0] or shape[2] != want[2] or shape == want):
+    return None
+  for prefix in (0, 1):  # no extra token, or a CLS token
+    old, new = math.isqrt(shape[1] - prefix), math.isqrt(want[1] - prefix)
+    if old * old == shape[1] - prefix and new * new == want[1] - prefix and old and new:
+      table = posemb.resample(np.asarray(value)[0], (new, new), method=method, num_prefix=prefix)
+      return table[None]
+  return None
 
 
 def load_init_params(config, params, shardings, frozen):
@@ -106,6 +124,13 @@ def load_init_params(config, params, shardings, frozen):
         raise ValueError(f"{name} writes {dst} twice (from {targets[dst]} and {src})")
       if dst in written:
         raise ValueError(f"{written[dst]} and {name} both write {dst}")
+      resized = _resized_position_table(src, loaded[src], flat[dst].shape,
+                                        sources[key].posemb_method)
+      if resized is not None:
+        log.info("%s: resampled %s from %s to %s (%s, as %s does)", name, src,
+                 tuple(loaded[src].shape), tuple(resized.shape),
+                 sources[key].posemb_method, sources[key].format)
+        loaded = {**loaded, src: resized}
       if tuple(loaded[src].shape) != tuple(flat[dst].shape):
         raise ValueError(f"{name}: {src} has shape {tuple(loaded[src].shape)} in {checkpoint!r}, "
                          f"but {dst} has shape {tuple(flat[dst].shape)} in this model")
