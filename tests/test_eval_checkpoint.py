@@ -147,3 +147,25 @@ def test_bad_checkpoints_and_workdirs_are_refused(data_dir, tmp_path):
   assert config.family == "two_tower" and config.model.image.pool == "cls"  # kept as it was
   with pytest.raises(ValueError, match="is a training workdir .* so its metrics.json is kept"):
     evaluate(config, checkpoints.Imported("vljax", "x", {}), str(train_dir))
+
+
+def test_import_hints_follow_the_directory(tmp_path):
+  """Normalisation from preprocessor_config.json; the tokenizer and its template only when the
+  directory has one; SigLIP 2 tables resample as transformers' antialiased bilinear resize."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  config = transformers.SiglipConfig(
+      text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=8),
+      vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=12, patch_size=4))
+  transformers.SiglipModel(config).save_pretrained(tmp_path / "siglip")
+  (tmp_path / "siglip" / "preprocessor_config.json").write_text(json.dumps(
+      {"image_processor_type": "SiglipImageProcessor", "image_mean": [0.5, 0.5, 0.5],
+       "image_std": 0.25}))
+  imported = checkpoints.read(tmp_path / "siglip")
+  assert imported.data == {"image_size": 12, "max_text_len": 8, "image_mean": (0.5, 0.5, 0.5),
+                           "image_std": (0.25, 0.25, 0.25)}
+  assert imported.loss == {"contrastive": "sigmoid"} and imported.posemb_method == "bicubic"
+  (tmp_path / "siglip" / "tokenizer.model").write_bytes(b"")  # only its presence is read here
+  assert checkpoints.read(tmp_path / "siglip").data["tokenizer"] == str(tmp_path / "siglip")
+  assert checkpoints.read(tmp_path / "siglip").data["text_bos"] is False

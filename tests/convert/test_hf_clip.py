@@ -1,8 +1,9 @@
-"""vljax.convert.hf_clip: transformers CLIPModel / SiglipModel directories load into vljax's
-TwoTower with the same image embeddings, text embeddings and logits (float32, 1e-4); exporting
-then importing is the identity; a vljax TwoTower saved as a directory loads strictly into
-transformers and gives vljax's outputs; unsupported layouts and broken checkpoints are refused
-by name.
+"""vljax.convert.hf_clip: transformers CLIPModel / SiglipModel / Siglip2Model directories load
+into vljax's TwoTower with the same image embeddings, text embeddings and logits (float32,
+1e-4; SigLIP 2 given the image patchified as its processor does, at the stored grid and at
+another, non-square one); exporting then importing is the identity; a vljax TwoTower saved as a
+directory loads strictly into transformers and gives vljax's outputs; unsupported layouts and
+broken checkpoints are refused by name.
 
 The tiny configs are chosen to break a wrong mapping: unequal tower widths, a 5 x 5 patch grid
 (20px images, 4px patches), quick_gelu next to gelu, the tanh GELU (SigLIP, MAP head included),
@@ -249,9 +250,9 @@ def test_text_pooling_options():
 def test_refusals(hf_dir, tmp_path):
   name, path, _ = hf_dir
   config, tensors = hf.read_hf_dir(path)
-  siglip2 = dict(config, model_type="siglip2")
-  with pytest.raises(NotImplementedError, match="SigLIP 2"):
-    hf_clip.from_hf(siglip2, tensors)
+  lone = dict(config, model_type="siglip2_vision_model")
+  with pytest.raises(NotImplementedError, match="lone SigLIP 2 vision tower"):
+    hf_clip.from_hf(lone, tensors)
   with pytest.raises(ValueError, match="model_type 'llama'"):
     hf_clip.from_hf(dict(config, model_type="llama"), tensors)
   extra = dict(tensors, **{"text_model.extra.weight": np.zeros(3, np.float32)})
@@ -277,6 +278,9 @@ def test_refusals(hf_dir, tmp_path):
   # A clamped scale that the params exceed would differ in transformers.
   with pytest.raises(ValueError, match="max_scale=100"):
     hf_clip.save(tmp_path / "clamped", model.clone(max_scale=100.0), params)
+  # Siglip2Model trains with the sigmoid loss.
+  with pytest.raises(ValueError, match="'softmax' loss is not Siglip2Model's"):
+    hf_clip.hf_config(model, image_size=20, model_type="siglip2")
   with pytest.raises(NotImplementedError, match="vision_use_head"):
     hf_clip.config_from_hf({"model_type": "siglip", "vision_config": {"vision_use_head": False}})
 
@@ -296,3 +300,115 @@ def test_another_image_size_resamples_as_transformers(hf_dir):
   np.testing.assert_allclose(zimg, out.image_embeds.numpy(), atol=1e-4)
   np.testing.assert_allclose(logits, out.logits_per_text.numpy(), atol=1e-4 * 150)
   assert hf_clip.image_size_of(model, params) == 28
+
+
+# --- SigLIP 2 --------------------------------------------------------------------------------
+
+SIGLIP2 = dict(
+    text=dict(TEXT, hidden_act="gelu_pytorch_tanh", pad_token_id=1, bos_token_id=48,
+              eos_token_id=1, projection_size=32),
+    # A 5 x 5 position grid of 4px patches: 20px images at the stored grid.
+    vision=dict({k: v for k, v in IMAGE.items() if k != "image_size"}, num_patches=25,
+                hidden_act="gelu_pytorch_tanh"))
+
+
+@pytest.fixture(scope="module")
+def siglip2_dir(tmp_path_factory):
+  """(directory written by transformers' save_pretrained, the torch Siglip2Model)."""
+  torch.manual_seed(0)
+  config = transformers.Siglip2Config(text_config=SIGLIP2["text"],
+                                      vision_config=SIGLIP2["vision"])
+  model = _perturb(transformers.Siglip2Model(config).eval())
+  path = tmp_path_factory.mktemp("siglip2")
+  model.save_pretrained(path)
+  return str(path), model
+
+
+def _siglip2_forward(model, pixels_bchw, ids, patch=4):
+  """Siglip2Model's outputs for images patchified as Siglip2ImageProcessor does, every patch
+  valid, spatial_shapes the images' patch grid."""
+  from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+  patches = torch.stack([convert_image_to_patches(torch.tensor(x), patch) for x in pixels_bchw])
+  batch, height, width = pixels_bchw.shape[0], pixels_bchw.shape[2], pixels_bchw.shape[3]
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), pixel_values=patches,
+                pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.int32),
+                spatial_shapes=torch.tensor([[height // patch, width // patch]] * batch))
+  return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_text.numpy()
+
+
+def test_siglip2_import_parity(siglip2_dir):
+  path, hf_model = siglip2_dir
+  model, params = hf_clip.load(path)
+  # SigLIP's towers: the fields a SiglipModel of the same sizes (20px images) gives.
+  config, _ = hf.read_hf_dir(path)
+  siglip = transformers.SiglipConfig(text_config=SIGLIP2["text"],
+                                     vision_config=dict(SIGLIP2["vision"], image_size=20))
+  assert hf_clip.config_from_hf(config) == hf_clip.config_from_hf(siglip.to_dict())
+  pixels, ids = _pixels(), np.array(TOKENS["siglip"])
+  want = _siglip2_forward(hf_model, pixels, ids)
+  got = _vljax_forward(model, params, pixels, ids)
+  for what, w, g in zip(("image embeddings", "text embeddings", "logits"), want, got):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=what)
+
+
+def test_siglip2_other_grid_resamples_as_transformers(siglip2_dir):
+  """Loaded for 24 x 12 images, the 5 x 5 table becomes 6 x 3 (rows grow, columns shrink: the
+  antialiasing matters) as Siglip2Model resizes it for spatial_shapes (6, 3)."""
+  path, hf_model = siglip2_dir
+  model, params = hf_clip.load(path, image_size=(24, 12))
+  assert params["img"]["pos_embedding"]["pos_embedding"].shape == (1, 18, 32)
+  pixels = np.random.default_rng(4).normal(size=(2, 3, 24, 12)).astype(np.float32)
+  ids = np.array(TOKENS["siglip"])
+  want = _siglip2_forward(hf_model, pixels, ids)
+  got = _vljax_forward(model, params, pixels, ids)
+  for what, w, g in zip(("image embeddings", "text embeddings", "logits"), want, got):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=what)
+  with pytest.raises(ValueError, match="not a square grid"):
+    hf_clip.to_hf(model, params)
+
+
+def test_siglip2_export(siglip2_dir, tmp_path):
+  """Written back as a Siglip2Model: the same tensors, loaded strictly by transformers; as a
+  SiglipModel (the default for the sigmoid loss): SigLIP's conv patchifying of the unpatchified
+  image gives Siglip2Model's outputs."""
+  path, hf_model = siglip2_dir
+  config, tensors = hf.read_hf_dir(path)
+  model, params = hf_clip.load(path)
+  hf_clip.save(tmp_path / "siglip2", model, params, model_type="siglip2")
+  config_back, tensors_back = hf.read_hf_dir(tmp_path / "siglip2")
+  assert config_back["model_type"] == "siglip2"
+  assert config_back["vision_config"]["num_patches"] == 25
+  assert hf_clip.config_from_hf(config_back) == hf_clip.config_from_hf(config)
+  assert sorted(tensors_back) == sorted(tensors)
+  for key, value in tensors.items():
+    np.testing.assert_array_equal(tensors_back[key], value, err_msg=key)
+  scanned_model, scanned = hf_clip.load(path, scan=True)
+  _, tensors_scanned = hf_clip.to_hf(scanned_model, scanned, model_type="siglip2")
+  for key, value in tensors.items():
+    np.testing.assert_array_equal(tensors_scanned[key], value, err_msg=key)
+  _, info = transformers.Siglip2Model.from_pretrained(tmp_path / "siglip2",
+                                                      output_loading_info=True)
+  assert not any(info.values()), info
+
+  hf_clip.save(tmp_path / "siglip", model, params)
+  siglip, info = transformers.SiglipModel.from_pretrained(tmp_path / "siglip",
+                                                          output_loading_info=True)
+  assert not any(info.values()), info
+  pixels, ids = _pixels(2), np.array(TOKENS["siglip"])
+  want = _siglip2_forward(hf_model, pixels, ids)
+  got = _hf_forward(siglip.eval(), pixels, ids)
+  for what, w, g in zip(("image embeddings", "text embeddings", "logits"), want, got):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=what)
+
+
+def test_siglip2_config_refusals():
+  base = {"model_type": "siglip2", "text_config": {"projection_size": 768}}
+  with pytest.raises(ValueError, match="num_patches=24 is not a square"):
+    hf_clip.config_from_hf(dict(base, vision_config={"num_patches": 24}))
+  with pytest.raises(NotImplementedError, match=r"patch_size=\[16, 8\]"):
+    hf_clip.config_from_hf(dict(base, vision_config={"patch_size": [16, 8]}))
+  with pytest.raises(NotImplementedError, match="lone SigLIP 2 text tower"):
+    hf_clip.config_from_hf({"model_type": "siglip2_text_model"})
+  fields = hf_clip.config_from_hf(base)  # transformers' defaults: 16px patches, a 16 x 16 grid
+  assert fields["image"]["patch_size"] == 16 and fields["contrastive"] == "sigmoid"

@@ -1,7 +1,7 @@
 """vljax.convert.posemb: position tables resampled as the originals do it, checked against the
 originals' own calls: torch's F.interpolate (bicubic with and without antialiasing, as
-transformers and open_clip) and scipy.ndimage.zoom(order=1) (big_vision), growing and
-shrinking, non-square and odd grids."""
+transformers and open_clip; bilinear with antialiasing, as transformers' SigLIP 2) and
+scipy.ndimage.zoom(order=1) (big_vision), growing and shrinking, non-square and odd grids."""
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -11,15 +11,17 @@ torch = pytest.importorskip("torch")
 from vljax.convert import posemb  # noqa: E402
 
 GRIDS = [((7, 7), (12, 12)), ((12, 12), (5, 5)), ((7, 5), (9, 13)), ((16, 16), (9, 9)),
-         ((3, 3), (1, 1))]
+         ((3, 3), (1, 1)), ((5, 9), (7, 4))]
 
 
 @pytest.mark.parametrize("old,new", GRIDS)
-@pytest.mark.parametrize("method,antialias", [("bicubic", False), ("bicubic_antialias", True)])
-def test_bicubic_equals_torch_interpolate(old, new, method, antialias):
+@pytest.mark.parametrize("method,mode,antialias", [
+    ("bicubic", "bicubic", False), ("bicubic_antialias", "bicubic", True),
+    ("bilinear_antialias", "bilinear", True)])
+def test_equals_torch_interpolate(old, new, method, mode, antialias):
   grid = np.random.default_rng(0).normal(size=(*old, 6)).astype(np.float32)
   want = torch.nn.functional.interpolate(
-      torch.from_numpy(grid).permute(2, 0, 1)[None], size=new, mode="bicubic",
+      torch.from_numpy(grid).permute(2, 0, 1)[None], size=new, mode=mode,
       align_corners=False, antialias=antialias)[0].permute(1, 2, 0).numpy()
   got = posemb.resample_grid(grid, new, method=method)
   assert got.shape == (*new, 6) and got.dtype == np.float32

@@ -94,13 +94,18 @@ def _read_transformers(path: str) -> Imported:
     model, params = hf_clip.load(path)
     data: dict[str, Any] = dict(image_size=hf_clip.image_size_of(model, params),
                                 max_text_len=int(model.text["max_len"]))
-    if os.path.isfile(os.path.join(path, hf_image.PREPROCESSOR_CONFIG)):
-      processor = hf_image.ImageProcessor.from_pretrained(path)
-      data.update(image_mean=tuple(float(x) for x in processor.image_mean),
-                  image_std=tuple(float(x) for x in processor.image_std))
+    # Normalisation constants from the processor config (CLIP's, SigLIP's, SigLIP 2's).
+    processor = _json(os.path.join(path, hf_image.PREPROCESSOR_CONFIG))
+    for key in ("image_mean", "image_std"):
+      value = processor.get(key)
+      if isinstance(value, (int, float)):
+        value = [value] * 3
+      if isinstance(value, list) and len(value) == 3:
+        data[key] = tuple(float(x) for x in value)
     if _has_tokenizer(path):  # its template: CLIP's bos text eos, SigLIP's text eos
       data.update(tokenizer=path, text_bos=model_type == "clip", text_eos=True)
-    return _two_tower("transformers", path, model, params, data)
+    return _two_tower("transformers", path, model, params, data,
+                      posemb_method="bilinear_antialias" if model_type == "siglip2" else "bicubic")
   model, params = hf_lm.load(path)
   family = "t5" if isinstance(model, t5.T5) else "lm"
   data = {"tokenizer": path} if _has_tokenizer(path) else {}

@@ -1,7 +1,8 @@
-r"""Hugging Face CLIP and SigLIP directories to and from vljax's `TwoTower`: `load` reads a
-transformers `CLIPModel` / `SiglipModel` directory (config.json and safetensors) into the
-TwoTower module and its params; `save` writes a TwoTower as a directory that transformers'
-`from_pretrained` loads strictly, with the config.json `hf_config` derives from the module.
+r"""Hugging Face CLIP, SigLIP and SigLIP 2 directories to and from vljax's `TwoTower`: `load`
+reads a transformers `CLIPModel` / `SiglipModel` / `Siglip2Model` directory (config.json and
+safetensors) into the TwoTower module and its params; `save` writes a TwoTower as a directory
+that transformers' `from_pretrained` loads strictly, with the config.json `hf_config` derives
+from the module.
 
   model, params = hf_clip.load("/ckpt/clip-vit-base-patch32")
   out = model.apply({"params": params}, images_bhwc, tokens_bt)
@@ -20,11 +21,19 @@ How the originals map onto TwoTower options:
   torch's fused in_proj split into query / key / value, LayerNorm, MLP residual) with the
   tower's activation (`map_act`), no image projection; bidirectional text tower pooled at the
   last position with a biased head; logit bias.
+- SigLIP 2 (`Siglip2Model`): SigLIP's towers, but the image tower embeds patches with a Linear
+  layer over flattened patches (the processor's `convert_image_to_patches` order: patch row,
+  patch column, channel) and fits its position grid (sqrt(num_patches) square) to each image's
+  patch grid with antialiased bilinear interpolation. vljax reads it at one fixed resolution:
+  the Linear weight becomes the conv kernel [p, p, 3, D], and the table is resampled once to
+  the grid of `image_size` (by default the stored grid). A [B, H, W, 3] image then gives what
+  transformers gives for the same image patchified, `spatial_shapes` (H / p, W / p) and every
+  patch valid; NaFlex batches of padded, mixed-resolution patch lists have no TwoTower form.
 - The logit scale exp(t') is not clamped (`max_scale=None`), as transformers does not clamp it.
 
-SigLIP 2 (`Siglip2Model`) patchifies with a Linear layer over flattened variable-resolution
-patches and resizes its position embeddings per image, a layout TwoTower's ViT does not have: it
-is refused by name, as are single-tower directories.
+`save` writes a CLIPModel (softmax loss) or a SiglipModel (sigmoid loss), so a TwoTower imported
+from SigLIP 2 exports as the SiglipModel of its fixed resolution; `model_type="siglip2"` writes
+a Siglip2Model instead. Single-tower directories are refused by name.
 """
 from __future__ import annotations
 
@@ -45,16 +54,15 @@ from vljax.models.text import TextTransformer
 from vljax.models.two_tower import TwoTower
 from vljax.models.vit import ViT
 
-SUPPORTED_MODEL_TYPES = ("clip", "siglip")
-_ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+SUPPORTED_MODEL_TYPES = ("clip", "siglip", "siglip2")
+_ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 _REFUSED_MODEL_TYPES = {
-    "siglip2": "SigLIP 2 (Siglip2Model) patchifies with a Linear layer over variable-resolution "
-               "patches and resizes its position embeddings per image; TwoTower cannot express "
-               "it yet",
     "clip_text_model": "a lone CLIP text tower; load a CLIPModel directory",
     "clip_vision_model": "a lone CLIP vision tower; load a CLIPModel directory",
     "siglip_text_model": "a lone SigLIP text tower; load a SiglipModel directory",
     "siglip_vision_model": "a lone SigLIP vision tower; load a SiglipModel directory",
+    "siglip2_text_model": "a lone SigLIP 2 text tower; load a Siglip2Model directory",
+    "siglip2_vision_model": "a lone SigLIP 2 vision tower; load a Siglip2Model directory",
 }
 # transformers activation names -> vljax's; vljax's -> the name exported.
 _FROM_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -79,6 +87,14 @@ _DEFAULTS = {
                                num_attention_heads=12, num_channels=3, image_size=224,
                                patch_size=16, hidden_act="gelu_pytorch_tanh",
                                layer_norm_eps=1e-6, vision_use_head=True),
+    ("siglip2", "text"): dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
+                              num_hidden_layers=12, num_attention_heads=12,
+                              max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                              layer_norm_eps=1e-6, pad_token_id=1, projection_size=None),
+    ("siglip2", "vision"): dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, num_channels=3, num_patches=256,
+                                patch_size=16, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6, vision_use_head=True),
 }
 # Non-persistent buffers that older checkpoints still hold.
 _BUFFERS = (r".*\.position_ids",)
@@ -133,11 +149,29 @@ def _sizes(sub: Mapping[str, Any]) -> dict[str, int]:
               mlp_dim=int(sub["intermediate_size"]), num_heads=int(sub["num_attention_heads"]))
 
 
+def _stored_grid(model_type: str, vision: Mapping[str, Any]) -> int:
+  """The side of the square patch grid a vision config's position table holds."""
+  patch = vision["patch_size"]
+  if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
+    raise NotImplementedError(f"vision_config.patch_size={patch!r}: vljax reads one positive "
+                              "int (square patches)")
+  if model_type != "siglip2":
+    return int(vision["image_size"]) // patch
+  # Siglip2VisionEmbeddings views its num_patches rows as a square grid.
+  positions = int(vision["num_patches"])
+  side = math.isqrt(positions)
+  if side < 1 or side * side != positions:
+    raise ValueError(f"vision_config.num_patches={positions} is not a square: Siglip2Model "
+                     "reshapes its position table to sqrt(num_patches) x sqrt(num_patches)")
+  return side
+
+
 def config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
-  """TwoTower fields of a transformers CLIPConfig / SiglipConfig dict (config.json). Layouts
-  TwoTower does not implement raise NotImplementedError naming them."""
+  """TwoTower fields of a transformers CLIPConfig / SiglipConfig / Siglip2Config dict
+  (config.json). Layouts TwoTower does not implement raise NotImplementedError naming them."""
   model_type = model_type_of(config, "config")
   text, vision = (_sub_config(config, model_type, tower) for tower in ("text", "vision"))
+  _stored_grid(model_type, vision)
   if int(vision.get("num_channels", 3)) != 3:
     raise NotImplementedError(f"num_channels={vision['num_channels']}: vljax towers read RGB")
   for tower, sub in (("text", text), ("vision", vision)):
@@ -165,13 +199,14 @@ def config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(image=image, text=txt, embed_dim=projection, contrastive="softmax",
                 max_scale=None,
                 temperature_init=float(config.get("logit_scale_init_value", math.log(1 / 0.07))))
+  architecture = _ARCHITECTURES[model_type]
   if not vision.get("vision_use_head", True):
     raise NotImplementedError("a SigLIP vision tower without its MAP head (vision_use_head="
-                              "False) has no pooled output for SiglipModel")
+                              f"False) has no pooled output for {architecture}")
   projection = int(text.get("projection_size") or text["hidden_size"])
   if projection != vision["hidden_size"]:
     raise ValueError(f"text_config.projection_size {projection} differs from the vision width "
-                     f"{vision['hidden_size']}: SiglipModel compares the two directly")
+                     f"{vision['hidden_size']}: {architecture} compares the two directly")
   image.update(pool="map", pre_norm=False, patch_bias=True, map_act=image["act"], out_dim=None)
   txt.update(causal=False, pool="last", eot_id=None, out_dim=projection, out_bias=True)
   return dict(image=image, text=txt, embed_dim=projection, contrastive="sigmoid", max_scale=None)
@@ -207,13 +242,24 @@ def _hf_act(act: str) -> str:
   return _TO_HF_ACT[act]
 
 
-def hf_config(model: TwoTower, *, image_size: int, **extra: Any) -> dict[str, Any]:
+def hf_config(model: TwoTower, *, image_size: int, model_type: str | None = None,
+              **extra: Any) -> dict[str, Any]:
   """The transformers config.json dict (CLIPModel for the softmax loss, SiglipModel for the
-  sigmoid one) of a TwoTower seeing `image_size`-pixel square images (its position table's
-  size), such that `config_from_hf` gives the module's architecture back; configs transformers
-  cannot express raise a ValueError naming the fields. `extra` adds or overrides entries."""
+  sigmoid one, or Siglip2Model with `model_type="siglip2"`) of a TwoTower seeing
+  `image_size`-pixel square images (its position table's size; SigLIP 2 writes the patch
+  count, num_patches, instead), such that `config_from_hf` gives the module's architecture
+  back; configs transformers cannot express raise a ValueError naming the fields. `extra` adds
+  or overrides entries."""
   if not isinstance(model, TwoTower):
     raise TypeError(f"hf_config exports vljax TwoTower modules, got {type(model).__name__}")
+  if model_type is None:
+    model_type = "clip" if model.contrastive == "softmax" else "siglip"
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"model_type {model_type!r} is not one vljax writes; choose one of "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  if (model_type == "clip") != (model.contrastive == "softmax"):
+    _refuse(f"its contrastive={model.contrastive!r} loss is not {_ARCHITECTURES[model_type]}'s "
+            f"({'softmax' if model_type == 'clip' else 'sigmoid'})")
   image, text = tower_modules(model)
   si, st = image.sizes(), text.sizes()
 
@@ -226,8 +272,7 @@ def hf_config(model: TwoTower, *, image_size: int, **extra: Any) -> dict[str, An
                 patch_size=si["patch_size"], num_channels=3)
   txt = dict(tower(st, text.act, text.norm_eps), vocab_size=text.vocab_size,
              max_position_embeddings=text.max_len, pad_token_id=text.pad_id)
-  if model.contrastive == "softmax":
-    model_type = "clip"
+  if model_type == "clip":
     projection = model.embed_dim
     if text.pool == "argmax":
       eos = 2
@@ -243,9 +288,11 @@ def hf_config(model: TwoTower, *, image_size: int, **extra: Any) -> dict[str, An
     config = dict(projection_dim=projection, text_config=txt, vision_config=vision,
                   logit_scale_init_value=math.log(1 / 0.07) if t_init is None else t_init)
   else:
-    model_type = "siglip"
     txt.update(projection_size=text.out_dim)
     vision.update(vision_use_head=True)
+    if model_type == "siglip2":  # the table is sized by its patch count, square
+      grid = vision.pop("image_size") // si["patch_size"]
+      vision.update(num_patches=grid * grid)
     config = dict(text_config=txt, vision_config=vision)
   # Whatever the checks above miss: transformers' reading of the config must be this model.
   back = _describe(TwoTower(**config_from_hf({"model_type": model_type, **config})))
@@ -266,10 +313,11 @@ def hf_config(model: TwoTower, *, image_size: int, **extra: Any) -> dict[str, An
 _Entry = tuple[str, tuple[str, ...], str, tuple[int, ...], tuple[int, ...]]
 
 
-def _hf_entries(model_type: str, fields: Mapping[str, Any], image_size: int) -> list[_Entry]:
-  """Every parameter of an unscanned TwoTower built from `fields` (config_from_hf's) and its
-  transformers key. torch's fused MultiheadAttention in_proj of SigLIP's MAP head appears as
-  "...in_proj:q.weight", ":k", ":v" (see _split_in_proj)."""
+def _hf_entries(model_type: str, fields: Mapping[str, Any], grid: int) -> list[_Entry]:
+  """Every parameter of an unscanned TwoTower built from `fields` (config_from_hf's), its
+  position table a grid x grid square, and its transformers key. torch's fused
+  MultiheadAttention in_proj of SigLIP's MAP head appears as "...in_proj:q.weight", ":k", ":v"
+  (see _split_in_proj)."""
   entries: list[_Entry] = []
   image, text = fields["image"], fields["text"]
 
@@ -306,13 +354,18 @@ def _hf_entries(model_type: str, fields: Mapping[str, Any], image_size: int) -> 
 
   # Vision tower.
   width, patch, prefix = image["width"], image["patch_size"], "vision_model."
-  grid = image_size // patch
   positions = grid * grid + (1 if image["pool"] == "cls" else 0)
-  add(prefix + "embeddings.patch_embedding.weight", ("img", "embedding", "conv", "kernel"),
-      "conv", (width, 3, patch, patch), (patch, patch, 3, width))
-  if image["patch_bias"]:
-    add(prefix + "embeddings.patch_embedding.bias", ("img", "embedding", "conv", "bias"), "",
-        (width,), (width,))
+  if model_type == "siglip2":
+    # A Linear over patches flattened as convert_image_to_patches does: (row in the patch,
+    # column, channel), the conv kernel's [p, p, 3] order, so the transposed weight is it.
+    linear(prefix + "embeddings.patch_embedding", ("img", "embedding", "conv"),
+           patch * patch * 3, width, (patch, patch, 3, width), (width,))
+  else:
+    add(prefix + "embeddings.patch_embedding.weight", ("img", "embedding", "conv", "kernel"),
+        "conv", (width, 3, patch, patch), (patch, patch, 3, width))
+    if image["patch_bias"]:
+      add(prefix + "embeddings.patch_embedding.bias", ("img", "embedding", "conv", "bias"), "",
+          (width,), (width,))
   if image["pool"] == "cls":
     add(prefix + "embeddings.class_embedding", ("img", "cls"), "", (width,), (1, 1, width))
   add(prefix + "embeddings.position_embedding.weight", ("img", "pos_embedding", "pos_embedding"),
@@ -321,7 +374,7 @@ def _hf_entries(model_type: str, fields: Mapping[str, Any], image_size: int) -> 
     norm(prefix + "pre_layrnorm", ("img", "pre_norm"), width)
   encoder(prefix, "img", image)
   norm(prefix + "post_layernorm", ("img", "encoder", "final_norm"), width)
-  if model_type == "siglip":
+  if model_type in ("siglip", "siglip2"):
     head = ("img", "map_head")
     add(prefix + "head.probe", head + ("probe",), "", (1, 1, width), (1, 1, width))
     attention(prefix + "head.attention.", head + ("attn",), width, image["num_heads"],
@@ -340,7 +393,7 @@ def _hf_entries(model_type: str, fields: Mapping[str, Any], image_size: int) -> 
       "", (text["max_len"], width), (1, text["max_len"], width))
   encoder(prefix, "txt", text)
   norm(prefix + "final_layer_norm", ("txt", "encoder", "final_norm"), width)
-  if model_type == "siglip":
+  if model_type in ("siglip", "siglip2"):
     linear(prefix + "head", ("txt", "head", "dense"), width, text["out_dim"],
            (width, text["out_dim"]), (text["out_dim"],))
     add("logit_scale", ("t",), "", (1,), ())
@@ -380,9 +433,10 @@ def _merge_in_proj(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def _image_size(config: Mapping[str, Any]) -> int:
-  vision = _sub_config(config, model_type_of(config, "config"), "vision")
-  return int(vision["image_size"])
+def _grid(config: Mapping[str, Any]) -> int:
+  """The side of the square patch grid of a config's position table."""
+  model_type = model_type_of(config, "config")
+  return _stored_grid(model_type, _sub_config(config, model_type, "vision"))
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -405,7 +459,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Mapping[str, Any],
   names them."""
   model_type = model_type_of(config, "config")
   fields = config_from_hf(config)
-  entries = _hf_entries(model_type, fields, _image_size(config))
+  entries = _hf_entries(model_type, fields, _grid(config))
   state = _split_in_proj({k: np.asarray(v) for k, v in state_dict.items()})
   hf.check_keys([e[0] for e in entries], state, f"the {_ARCHITECTURES[model_type]} state dict",
                 allow_unexpected=_BUFFERS)
@@ -429,7 +483,7 @@ def to_hf_state_dict(params: Mapping, config: Mapping[str, Any]) -> dict[str, np
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   params = unstack_layers(params, fields)
   state = {}
-  for key, path, layout, hf_shape, _ in _hf_entries(model_type, fields, _image_size(config)):
+  for key, path, layout, hf_shape, _ in _hf_entries(model_type, fields, _grid(config)):
     value = _get(params, path)
     if layout == "linear":
       value = value.reshape(hf_shape[::-1]).T
@@ -470,33 +524,52 @@ def unstack_layers(params: Mapping, fields: Mapping[str, Any]) -> dict:
 # --- Reading ---------------------------------------------------------------------------------
 
 
+def _image_grid(image_size: int | tuple[int, int], patch: int) -> tuple[int, int]:
+  """The patch grid (rows, columns) of `image_size` (square side or (height, width))."""
+  size = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
+  if len(size) != 2 or min(int(x) for x in size) < patch:
+    raise ValueError(f"image_size {image_size!r}: expected a side or (height, width), each at "
+                     f"least the patch size {patch}")
+  return int(size[0]) // patch, int(size[1]) // patch
+
+
 def from_hf(config: Mapping[str, Any], tensors: Mapping[str, Any], *, scan: bool = False,
-            image_size: int | None = None) -> tuple[TwoTower, dict]:
+            image_size: int | tuple[int, int] | None = None) -> tuple[TwoTower, dict]:
   """(TwoTower, params) of a config.json dict and a state dict of arrays (what `read_hf_dir`
-  returns). `image_size` other than the config's resamples the position embeddings as
-  transformers' `interpolate_pos_encoding=True` does (bicubic, not antialiased)."""
+  returns). An `image_size` (a side, or (height, width)) whose patch grid differs from the
+  stored one resamples the position embeddings to that grid as transformers does: CLIP /
+  SigLIP's `interpolate_pos_encoding=True` (bicubic, not antialiased), SigLIP 2's per-image
+  resize to `spatial_shapes` (bilinear, antialiased)."""
+  model_type = model_type_of(config, "config")
   fields = config_from_hf(config)
   if scan:
     fields = dict(fields, image=dict(fields["image"], scan=True),
                   text=dict(fields["text"], scan=True))
   model = TwoTower(**fields)
   params = from_hf_state_dict(tensors, config, scan=scan)
-  if image_size is not None and image_size != _image_size(config):
-    image, _ = tower_modules(model)
-    params = posemb.resize_image_tower(params, "img", image_size=image_size,
-                                       patch_size=image.sizes()["patch_size"],
-                                       num_prefix=1 if image.pool == "cls" else 0,
-                                       method="bicubic")
+  stored = _grid(config)
+  grid = stored, stored
+  if image_size is not None:
+    grid = _image_grid(image_size, fields["image"]["patch_size"])
+  if grid != (stored, stored):
+    prefix = 1 if fields["image"]["pool"] == "cls" else 0
+    method = "bilinear_antialias" if model_type == "siglip2" else "bicubic"
+    tables = params["img"]["pos_embedding"]
+    table = posemb.resample(np.asarray(tables["pos_embedding"])[0], grid, method=method,
+                            num_prefix=prefix)
+    params["img"] = {**params["img"], "pos_embedding": {**tables, "pos_embedding": table[None]}}
   return model, params
 
 
 def load(path: str | os.PathLike[str], *, scan: bool = False,
-         image_size: int | None = None) -> tuple[TwoTower, dict]:
-  """(TwoTower, params as NumPy arrays) of a transformers CLIPModel / SiglipModel directory.
-  Images are [B, H, W, 3] at the config's image_size (transformers' pixel_values transposed),
-  or at `image_size` with the position embeddings resampled as transformers does.
-  Unsupported model types (SigLIP 2 among them), missing files, pickle-only directories, keys
-  the mapping does not expect or lacks and shape mismatches raise naming the problem."""
+         image_size: int | tuple[int, int] | None = None) -> tuple[TwoTower, dict]:
+  """(TwoTower, params as NumPy arrays) of a transformers CLIPModel / SiglipModel /
+  Siglip2Model directory. Images are [B, H, W, 3] at the stored grid (CLIP / SigLIP: the
+  config's image_size, transformers' pixel_values transposed; SigLIP 2: sqrt(num_patches)
+  patches a side, the image before transformers' patchifying), or at `image_size` (a side or
+  (height, width)) with the position embeddings resampled as transformers does.
+  Unsupported model types, missing files, pickle-only directories, keys the mapping does not
+  expect or lacks and shape mismatches raise naming the problem."""
   path = os.fspath(path)
   config_path = os.path.join(path, hf.CONFIG_NAME)
   if os.path.isdir(path) and os.path.isfile(config_path):
@@ -550,13 +623,15 @@ def _check_params(model: TwoTower, params: Mapping, image_size: int) -> None:
                      f"{'; '.join(misshapen[:5])}")
 
 
-def to_hf(model: TwoTower, params: Mapping) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(config.json dict, state dict of NumPy arrays) of `params` of `model`, scanned or not."""
+def to_hf(model: TwoTower, params: Mapping, *, model_type: str | None = None
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config.json dict, state dict of NumPy arrays) of `params` of `model`, scanned or not;
+  `model_type` as `hf_config`'s."""
   params = nn.meta.unbox(params)
   if set(params) == {"params"}:  # the variables dict of `model.init`
     params = params["params"]
   image_size = image_size_of(model, params)
-  config = hf_config(model, image_size=image_size)
+  config = hf_config(model, image_size=image_size, model_type=model_type)
   _check_params(model, params, image_size)
   if model.max_scale is not None and float(np.exp(np.asarray(params["t"]))) > model.max_scale:
     _refuse(f"its logit scale exp(t)={float(np.exp(np.asarray(params['t']))):.4g} is clamped at "
@@ -566,12 +641,14 @@ def to_hf(model: TwoTower, params: Mapping) -> tuple[dict[str, Any], dict[str, n
 
 def save(path: str | os.PathLike[str], model: TwoTower, params: Mapping, *,
          overwrite: bool = False, extra_config: Mapping[str, Any] | None = None,
-         max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+         max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+         model_type: str | None = None) -> list[str]:
   """Writes `params` of `model` as a transformers CLIPModel (softmax loss) / SiglipModel
-  (sigmoid loss) directory: config.json (`hf_config`, image_size from the position table, plus
-  `extra_config`) and safetensors. Returns the paths written; an existing model directory
-  needs `overwrite`."""
-  config, tensors = to_hf(model, params)
+  (sigmoid loss) directory, or a Siglip2Model with `model_type="siglip2"` (sigmoid loss, its
+  position table the square grid that every image then has as `spatial_shapes`): config.json
+  (`hf_config`, image_size or num_patches from the position table, plus `extra_config`) and
+  safetensors. Returns the paths written; an existing model directory needs `overwrite`."""
+  config, tensors = to_hf(model, params, model_type=model_type)
   config.update(dict(extra_config or {}))
   floating = [v.dtype for v in tensors.values() if np.issubdtype(v.dtype, np.floating)
               or v.dtype.name == "bfloat16"]

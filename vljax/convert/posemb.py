@@ -2,7 +2,7 @@
 
 A ViT's learned position embeddings form a grid (rows x columns of patches, after any prefix
 tokens such as CLIP's CLS). Running a checkpoint at another image size resamples that grid, and
-the three codebases vljax imports from do it differently, so each is reproduced exactly:
+the codebases vljax imports from do it differently, so each is reproduced exactly:
 
 - "bicubic": PyTorch `F.interpolate(mode="bicubic", align_corners=False)` without antialiasing,
   as transformers' CLIP / SigLIP `interpolate_pos_encoding` (cubic convolution with a = -0.75,
@@ -10,6 +10,9 @@ the three codebases vljax imports from do it differently, so each is reproduced 
 - "bicubic_antialias": the same call with `antialias=True`, open_clip's `resize_pos_embed`
   default (PIL's filter: a = -0.5, the support widened by the scale when shrinking, weights
   renormalised at the borders).
+- "bilinear_antialias": `F.interpolate(mode="bilinear", antialias=True, align_corners=False)`,
+  how transformers' SigLIP 2 fits its position grid to each image's patch grid (PIL's triangle
+  filter, widened and renormalised the same way).
 - "bilinear_corners": `scipy.ndimage.zoom(order=1)`, big_vision's `resample_posemb` (linear,
   the corner samples of both grids aligned).
 
@@ -18,11 +21,11 @@ Every method is separable: one (new, old) weight matrix per axis, computed in fl
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-METHODS = ("bicubic", "bicubic_antialias", "bilinear_corners")
+METHODS = ("bicubic", "bicubic_antialias", "bilinear_antialias", "bilinear_corners")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -46,20 +49,37 @@ def _bicubic_weights(old: int, new: int) -> np.ndarray:
   return weights
 
 
-def _antialias_weights(old: int, new: int) -> np.ndarray:
-  """torch bicubic with antialias=True (PIL's): a = -0.5, support widened when shrinking."""
+def _triangle(x: np.ndarray) -> np.ndarray:
+  return np.maximum(1.0 - np.abs(x), 0.0)
+
+
+def _antialias_weights(old: int, new: int, kernel: Callable[[np.ndarray], np.ndarray],
+                       radius: float) -> np.ndarray:
+  """torch's antialiased interpolation (PIL's): `kernel`, nonzero within `radius` pixels, is
+  stretched by the scale when shrinking; the weights of the taps inside the grid sum to 1."""
   scale = old / new
   stretch = max(scale, 1.0)
-  support = 2.0 * stretch
+  support = radius * stretch
   weights = np.zeros((new, old))
   for i in range(new):
     center = scale * (i + 0.5)
     lo = max(int(center - support + 0.5), 0)
     hi = min(int(center + support + 0.5), old)
     taps = np.arange(lo, hi)
-    w = _cubic((taps - center + 0.5) / stretch, -0.5)
+    w = kernel((taps - center + 0.5) / stretch)
     weights[i, lo:hi] = w / w.sum()
   return weights
+
+
+def _bicubic_antialias_weights(old: int, new: int) -> np.ndarray:
+  """torch bicubic with antialias=True: a = -0.5, support widened when shrinking."""
+  return _antialias_weights(old, new, kernel=lambda x: _cubic(x, -0.5), radius=2.0)
+
+
+def _bilinear_antialias_weights(old: int, new: int) -> np.ndarray:
+  """torch bilinear with antialias=True: the triangle filter, as wide as the scale when
+  shrinking (plain bilinear, edges clamped, when growing)."""
+  return _antialias_weights(old, new, kernel=_triangle, radius=1.0)
 
 
 def _corner_linear_weights(old: int, new: int) -> np.ndarray:
@@ -76,7 +96,8 @@ def _corner_linear_weights(old: int, new: int) -> np.ndarray:
   return weights
 
 
-_WEIGHTS = {"bicubic": _bicubic_weights, "bicubic_antialias": _antialias_weights,
+_WEIGHTS = {"bicubic": _bicubic_weights, "bicubic_antialias": _bicubic_antialias_weights,
+            "bilinear_antialias": _bilinear_antialias_weights,
             "bilinear_corners": _corner_linear_weights}
 
 
