@@ -7,6 +7,8 @@ a frozen tower (LiT) without touching either. A format is detected from the path
   vljax         a vljax workdir, its checkpoints dir, or one step dir (orbax)
   transformers  a Hugging Face model directory (config.json + safetensors): CLIP and SigLIP
                 (`hf_clip`), LLaMA / OPT / GPT-2 / T5 (`hf_lm`)
+  open_clip     an open_clip hub directory (open_clip_config.json + open_clip_model.safetensors):
+                CLIP and CoCa (`open_clip`)
   big_vision    a big_vision SigLIP parameter file (`.npz`, `big_vision`)
 
 An imported model comes with what a config needs to rebuild it: `family`, the `config.model`
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+import numpy as np
 
-from vljax.convert import big_vision, hf, hf_clip, hf_image, hf_lm
+from vljax.convert import big_vision, hf, hf_clip, hf_image, hf_lm, open_clip, posemb
 from vljax.models import t5
 from vljax.models.two_tower import TwoTower
 
@@ -131,6 +135,27 @@ def _read_big_vision(path: str) -> Imported:
   return _two_tower("big_vision", path, model, params, data, posemb_method="bilinear_corners")
 
 
+def _read_open_clip(path: str) -> Imported:
+  config = open_clip.read_config(path)
+  model, params = open_clip.load(path)
+  height, width = open_clip.image_size(config)
+  preprocess = config.get("preprocess_cfg") or {}
+  data: dict[str, Any] = dict(
+      image_mean=tuple(float(x) for x in preprocess.get("mean", open_clip.OPENAI_MEAN)),
+      image_std=tuple(float(x) for x in preprocess.get("std", open_clip.OPENAI_STD)))
+  if height == width:
+    data["image_size"] = height
+  if isinstance(model, TwoTower):
+    # open_clip's tokenizer (vljax.convert.clip_bpe) is not a directory of the checkpoint's:
+    # the text length is set, the tokenizer stays the config's.
+    data["max_text_len"] = int(model.text["max_len"])
+    return _two_tower("open_clip", path, model, params, data, posemb_method="bicubic_antialias")
+  return Imported("open_clip", path, params, family="coca", model=config_fields(model),
+                  data=data, loss=dict(contrastive=model.contrastive),
+                  scanned=lambda _: open_clip.load(path, scan=True)[1],
+                  posemb_method="bicubic_antialias")
+
+
 def _read_vljax(path: str) -> Imported:
   from vljax.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
   return Imported("vljax", path, load_params(path))
@@ -139,6 +164,8 @@ def _read_vljax(path: str) -> Imported:
 # (name, what it is called in errors, detect(path) -> bool, read(path) -> Imported), tried in
 # order; vljax (any directory) last.
 FORMATS: tuple[tuple[str, str, Callable[[str], bool], Callable[[str], Imported]], ...] = (
+    ("open_clip", "open_clip model directory",
+     lambda path: os.path.isfile(os.path.join(path, open_clip.CONFIG_NAME)), _read_open_clip),
     ("transformers", "Hugging Face model", hf_lm.is_hf_dir, _read_transformers),
     ("big_vision", "big_vision .npz file", lambda path: path.endswith(".npz"), _read_big_vision),
     ("vljax", "vljax checkpoint", os.path.isdir, _read_vljax),
@@ -168,3 +195,21 @@ def read(path: str | os.PathLike[str]) -> Imported:
   name = detect(path)
   reader = next(read for fmt, _, _, read in FORMATS if fmt == name)
   return reader(path)
+
+
+def resize_position_table(path: str, value: Any, want_shape: Sequence[int],
+                          method: str) -> np.ndarray | None:
+  """A ViT's learned position table ([1, prefix + rows * cols, D] at ".../pos_embedding/
+  pos_embedding") resampled to `want_shape`'s square grid by `method` (see `Imported.
+  posemb_method`), for a model that sees another image size than the checkpoint's; None when
+  `path` is no such table or the shapes say otherwise."""
+  shape, want = tuple(np.shape(value)), tuple(want_shape)
+  if (not path.endswith("pos_embedding/pos_embedding") or len(shape) != 3 or len(want) != 3
+      or shape[0] != want[0] or shape[2] != want[2] or shape == want):
+    return None
+  for prefix in (0, 1):  # no extra token, or a CLS token
+    old, new = math.isqrt(shape[1] - prefix), math.isqrt(want[1] - prefix)
+    if old and new and old * old == shape[1] - prefix and new * new == want[1] - prefix:
+      table = posemb.resample(np.asarray(value)[0], (new, new), method=method, num_prefix=prefix)
+      return table[None]
+  return None

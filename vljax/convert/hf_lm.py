@@ -313,71 +313,24 @@ def is_hf_dir(path: str | os.PathLike[str]) -> bool:
 # --- Command line ----------------------------------------------------------------------------
 
 
-def _export(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-  # Imported here: the training stack is only needed to build a module from a config.
-  from vljax.data.pipeline import build_tokenizer, data_config
-  from vljax.families import get_family
-  from vljax.families.base import build_model
-  from vljax.train.checkpoint import load_params
-  from vljax.train.config import apply_overrides, load_config, validate
-
-  config = validate(apply_overrides(load_config(args.config), overrides))
-  tokenizer = build_tokenizer(data_config(config.data))
-  model = build_model(get_family(config.family), config, tokenizer)
-  if not isinstance(model, (lm.LM, t5.T5)):
-    raise ValueError(f"--config={args.config} builds a {type(model).__name__} (family "
-                     f"{config.family!r}); only LM and T5 models export to transformers")
-  params = nn.meta.unbox(load_params(args.checkpoint))
-  try:
-    _check_params(model, params)
-  except ValueError as e:
-    raise ValueError(f"{args.checkpoint} holds the params of another model than --config="
-                     f"{args.config} builds; give the config (and --config.* overrides) it was "
-                     f"trained with ({e})") from None
-  extra = {}
-  for key, attribute in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
-                         ("pad_token_id", "pad_id")):
-    value = getattr(tokenizer, attribute, None)
-    if isinstance(value, int) and value >= 0:
-      extra[key] = value
-  if isinstance(model, t5.T5) and "pad_token_id" in extra:
-    extra["decoder_start_token_id"] = extra["pad_token_id"]
-  kw = {} if args.max_shard_bytes is None else dict(max_shard_bytes=args.max_shard_bytes)
-  return save(args.out, model, params, dtype=args.dtype, overwrite=args.overwrite,
-              extra_config=extra, **kw)
-
-
 def main(argv: list[str] | None = None) -> int:
+  """`python -m vljax.convert.hf_lm export ...`: `python -m vljax.convert.export` (see there)
+  for LM and T5 models."""
+  # Imported here: export imports this module.
+  from vljax.convert import export  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["export"]:
+    return export.main(argv[1:], prog="python -m vljax.convert.hf_lm export",
+                       only=(lm.LM, t5.T5))
   parser = argparse.ArgumentParser(
       prog="python -m vljax.convert.hf_lm",
-      description="Export a trained vljax LM / T5 as a Hugging Face transformers directory.")
-  commands = parser.add_subparsers(dest="command", required=True)
-  export = commands.add_parser(
-      "export", help="config + vljax checkpoint -> config.json + safetensors",
-      description="Extra --config.a.b=VALUE arguments override fields of the config.")
-  export.add_argument("--config", required=True,
-                      help="the training config (a file or a name in experiments/configs/)")
-  export.add_argument("--checkpoint", required=True,
-                      help="a vljax workdir, its checkpoints dir, or a step dir")
-  export.add_argument("--out", required=True, help="the directory to write")
-  export.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                      help="cast the weights (default: as trained)")
-  export.add_argument("--max_shard_bytes", type=int, default=None)
-  export.add_argument("--overwrite", action="store_true",
-                      help="replace the model files of an existing directory")
-  args, rest = parser.parse_known_args(argv)
-  overrides = [arg[len("--config."):] for arg in rest if arg.startswith("--config.")]
-  unknown = [arg for arg in rest if not arg.startswith("--config.")]
-  if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-  try:
-    written = _export(args, overrides)
-  except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  for path in written:
-    print(path)
-  return 0
+      description="Export a trained vljax LM / T5 as a Hugging Face transformers directory "
+                  "(python -m vljax.convert.export for every exportable model).")
+  parser.add_argument("command", choices=["export"],
+                      help="config + vljax checkpoint -> config.json + safetensors; "
+                           "export --help for its arguments")
+  parser.parse_args(argv)  # exits with the usage: argv does not start with the command
+  return 2
 
 
 if __name__ == "__main__":

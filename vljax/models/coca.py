@@ -19,6 +19,15 @@ CLS query sees every non-pad token and itself. Since no text position depends on
 generation (`decode_step`, KV cache) runs both decoders without it and gives the same logits as
 the full forward.
 
+`layout="open_clip"` is open_clip's CoCa, whose checkpoints `vljax.convert.open_clip` imports:
+the ViT keeps a class token among the pooled tokens (pre-LayerNorm, patch embedding without
+bias); the CLS takes the position row after the text (row T for T tokens); every text query
+(not only the CLS) drops the keys of pads, and open_clip's mask is shifted by one: key 0 is
+always seen and key k (the CLS included) is seen when token k - 1 is not a pad; each multimodal
+layer is a self-attention block (attention + MLP) followed by a cross-attention block that
+LayerNorms the captioning features too and has its own MLP (`OpenClipDecoder`). Generation
+(`decode_step`) runs without that pad mask, like the paper layout.
+
 `__call__(images, tokens)` returns a dict of named outputs, as `TwoTower` does (see
 `CoCa.__call__`): L2-normalised [B, D] embeddings "zimg" / "ztxt" (None for a missing input),
 the captioning "logits" (None unless both inputs are given), the logit "scale" (and "bias" with
@@ -38,8 +47,9 @@ from vljax.models.sizes import resolve_sizes
 from vljax.models.two_tower import (check_contrastive, contrastive_outputs,
                                     contrastive_parameters, l2_normalize)
 from vljax.models.vit import ViT
-from vljax.nn import (AttentionPool, BlockConfig, Dense, LayerNorm, LearnedPosEmbed, TokenEmbed,
-                      Transformer, causal_mask, constrain, padding_mask, partitioned)
+from vljax.nn import (REMAT_POLICIES, AttentionPool, Block, BlockConfig, Dense, LayerNorm,
+                      LearnedPosEmbed, MlpBlock, MultiHeadAttention, TokenEmbed, Transformer,
+                      causal_mask, constrain, padding_mask, partitioned)
 
 # Decoder sizes and the image ViT variant per preset. The paper's three (Table 1) see 288px images
 # in 18px patches (256 tokens) and use a 64,000-token vocabulary; the decoder width equals the
@@ -61,6 +71,96 @@ PAPER_IMAGE_SIZE = 288
 
 _SIZE_FIELDS = ("vocab_size", "width", "num_heads", "mlp_dim", "unimodal_depth",
                 "multimodal_depth", "num_caption_queries")
+LAYOUTS = ("paper", "open_clip")
+
+
+class CrossAttentionBlock(nn.Module):
+  """open_clip's cross-attention layer: x + attn(LN(x), LN(context)), then x + MLP(LN(x))."""
+
+  config: BlockConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array, context_bsd: jax.Array | None) -> jax.Array:
+    """`context_bsd` may be None only when decoding reads its keys / values from the cache."""
+    c = self.config
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    cached_context = c.decode and c.cache_context
+    if context_bsd is None and not cached_context:
+      raise ValueError("a cross-attention block needs a context")
+    if context_bsd is not None:
+      context_bsd = LayerNorm(c.norm_eps, name="context_norm", **kw)(context_bsd)
+    drop = nn.Dropout(c.dropout)
+    attn = MultiHeadAttention(c.num_heads, use_bias=c.use_bias, decode=cached_context,
+                              cache_context=c.cache_context, name="cross_attn", **kw)
+    h_btd = LayerNorm(c.norm_eps, name="cross_attn_norm", **kw)(x_btd)
+    x_btd = x_btd + drop(attn(h_btd, context_bsd), deterministic=self.deterministic)
+    h_btd = LayerNorm(c.norm_eps, name="mlp_norm", **kw)(x_btd)
+    mlp = MlpBlock(c.mlp_dim, c.act, c.dropout, use_bias=c.use_bias, name="mlp", **kw)
+    x_btd = x_btd + drop(mlp(h_btd, self.deterministic), deterministic=self.deterministic)
+    return constrain(x_btd, ("batch", "seq", "act_embed"))
+
+
+class _OpenClipLayer(nn.Module):
+  """One open_clip multimodal layer: a causal self-attention Block, then a CrossAttentionBlock."""
+
+  config: BlockConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_btd, mask, context_bsd, positions_bt):
+    x_btd = Block(self.config, deterministic=self.deterministic, name="self_block")(
+        x_btd, mask, positions_bt=positions_bt)
+    return CrossAttentionBlock(self.config, deterministic=self.deterministic,
+                               name="cross_block")(x_btd, context_bsd)
+
+
+class _ScanOpenClipLayer(_OpenClipLayer):
+  """_OpenClipLayer with the (carry, per-layer output) signature of `nn.scan`."""
+
+  @nn.compact
+  def __call__(self, x_btd, mask, context_bsd, positions_bt):
+    return super().__call__(x_btd, mask, context_bsd, positions_bt), None
+
+
+class OpenClipDecoder(nn.Module):
+  """open_clip's multimodal text decoder: `depth` _OpenClipLayers ("layer_i", or "layers"
+  scanned) and a final LayerNorm. Called as `Transformer` is (the context mask is unused)."""
+
+  depth: int
+  block: BlockConfig
+  scan: bool = False
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array, mask: jax.Array | None = None,
+               context_bsd: jax.Array | None = None, context_mask: jax.Array | None = None,
+               deterministic: bool = True, positions_bt: jax.Array | None = None) -> jax.Array:
+    del context_mask  # open_clip attends to every captioning feature
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat policy {self.remat!r}; choose one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    policy = REMAT_POLICIES[self.remat]
+    if self.scan:
+      unit = _ScanOpenClipLayer
+      if self.remat != "none":
+        unit = nn.remat(unit, prevent_cse=False, policy=policy)
+      stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * 3, length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})(
+                          self.block, deterministic=deterministic, name="layers")
+      x_btd, _ = stack(x_btd, mask, context_bsd, positions_bt)
+    else:
+      unit = _OpenClipLayer
+      if self.remat != "none":
+        unit = nn.remat(unit, prevent_cse=True, policy=policy)
+      for i in range(self.depth):
+        x_btd = unit(self.block, deterministic=deterministic, name=f"layer_{i}")(
+            x_btd, mask, context_bsd, positions_bt)
+    c = self.block
+    return LayerNorm(c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                     name="final_norm")(x_btd)
 
 
 class CoCa(nn.Module):
@@ -91,6 +191,7 @@ class CoCa(nn.Module):
   scan: bool = False
   remat: str = "none"
   decode: bool = False  # KV-cached decoders for `decode_step` (see decode_step_fn)
+  layout: str = "paper"  # "paper" | "open_clip" (see the module docstring)
   dtype: Any = jnp.float32
 
   def sizes(self) -> dict[str, Any]:
@@ -102,10 +203,14 @@ class CoCa(nn.Module):
 
   def setup(self):
     check_contrastive(self.contrastive)
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"Unknown CoCa layout {self.layout!r}; choose one of {LAYOUTS}")
     s = self.sizes()
     width = s["width"]
     image = dict(pool="none", act=self.act, norm_eps=self.norm_eps, scan=self.scan,
                  remat=self.remat, dtype=self.dtype)
+    if self.layout == "open_clip":
+      image.update(class_token=True, pre_norm=True, patch_bias=False)
     if "image" in s:
       image["variant"] = s["image"]
     image.update(self.image or {})
@@ -127,7 +232,10 @@ class CoCa(nn.Module):
     stack_kw = dict(block=block, scan=self.scan, remat=self.remat)
     self.unimodal = Transformer(s["unimodal_depth"], final_norm=False, **stack_kw)
     self.cls_norm = LayerNorm(self.norm_eps, dtype=self.dtype)
-    self.multimodal = Transformer(s["multimodal_depth"], cross_attention=True, **stack_kw)
+    if self.layout == "open_clip":
+      self.multimodal = OpenClipDecoder(s["multimodal_depth"], **stack_kw)
+    else:
+      self.multimodal = Transformer(s["multimodal_depth"], cross_attention=True, **stack_kw)
     if not self.tied_output:
       self.head = Dense(s["vocab_size"], "embed", "vocab", use_bias=False,
                         kernel_init=nn.initializers.normal(width ** -0.5), dtype=self.dtype)
@@ -151,12 +259,18 @@ class CoCa(nn.Module):
     tokens_bt = constrain(tokens_bt, ("batch", "seq"))
     x_btd = self.pos_embedding(self.token_embedding(tokens_bt))
     cls_b1d = jnp.broadcast_to(self.cls, (batch, 1, self.cls.shape[-1])).astype(x_btd.dtype)
-    cls_b1d = self.pos_embedding(cls_b1d, offset=self.max_len)
+    open_clip = self.layout == "open_clip"
+    cls_b1d = self.pos_embedding(cls_b1d, offset=length if open_clip else self.max_len)
     x_btd = jnp.concatenate([x_btd, cls_b1d], axis=1)
-    valid_bk = jnp.concatenate([tokens_bt != self.pad_id, jnp.ones((batch, 1), bool)], axis=1)
-    # Every row is causal; only the CLS row (the last) also drops the pad keys.
-    is_cls_row_q1 = (jnp.arange(length + 1) == length)[:, None]
-    mask = causal_mask(length + 1) & (padding_mask(valid_bk) | ~is_cls_row_q1)
+    if open_clip:
+      # open_clip's (legacy) mask for every row: key 0, and key k where token k - 1 is no pad.
+      valid_bk = jnp.concatenate([jnp.ones((batch, 1), bool), tokens_bt != self.pad_id], axis=1)
+      mask = causal_mask(length + 1) & padding_mask(valid_bk)
+    else:
+      valid_bk = jnp.concatenate([tokens_bt != self.pad_id, jnp.ones((batch, 1), bool)], axis=1)
+      # Every row is causal; only the CLS row (the last) also drops the pad keys.
+      is_cls_row_q1 = (jnp.arange(length + 1) == length)[:, None]
+      mask = causal_mask(length + 1) & (padding_mask(valid_bk) | ~is_cls_row_q1)
     x_btd = self.unimodal(x_btd, mask, deterministic=not train)
     return self.cls_norm(x_btd[:, -1]), x_btd[:, :-1]
 

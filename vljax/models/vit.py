@@ -58,6 +58,7 @@ class ViT(nn.Module):
   stem: str = "patch"  # "patch" (ViT) | "conv" (early convolutions, see nn.ConvStem)
   posemb: str = "learn"  # "learn" | "sincos2d"
   pool: str = "gap"  # "gap" | "cls" | "map" | "none"
+  class_token: bool | None = None  # a learned token before the patches; None: with pool="cls"
   pre_norm: bool = False  # CLIP's ln_pre after the embeddings
   patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
   act: str = "gelu"
@@ -91,7 +92,8 @@ class ViT(nn.Module):
       raise ValueError(f"Unknown ViT stem {self.stem!r}; choose patch or conv")
     grid = images_bhwc.shape[1] // s["patch_size"], images_bhwc.shape[2] // s["patch_size"]
     aux = {}
-    if self.pool == "cls":
+    has_cls = self.class_token if self.class_token is not None else self.pool == "cls"
+    if has_cls:
       cls = self.param("cls", partitioned(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, s["width"]), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, s["width"])).astype(x.dtype), x], 1)
@@ -99,7 +101,7 @@ class ViT(nn.Module):
       x = LearnedPosEmbed(x.shape[1], init_std=1 / s["width"] ** 0.5, name="pos_embedding")(x)
     elif self.posemb == "sincos2d":
       table = jnp.asarray(sincos_2d(*grid, s["width"]), x.dtype)
-      offset = 1 if self.pool == "cls" else 0
+      offset = 1 if has_cls else 0
       x = x.at[:, offset:].add(table[None])
     else:
       raise ValueError(f"Unknown posemb {self.posemb!r}; choose learn or sincos2d")

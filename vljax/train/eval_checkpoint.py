@@ -48,6 +48,11 @@ def checkpoint_params(exp: Experiment, imported: checkpoints.Imported) -> Any:
   flat = [flax.traverse_util.flatten_dict(nn.meta.unbox(p), sep="/") for p in layouts]
   got = next((f for f in flat if set(f) == set(want)), flat[0])
   hf.check_keys(want, got, f"the parameters of {imported.path}")
+  for key in want:  # a ViT position table for another image size, resampled as its code does
+    resized = checkpoints.resize_position_table(key, got[key], want[key].shape,
+                                                imported.posemb_method)
+    if resized is not None:
+      got = {**got, key: resized}
   misshapen = [f"{k}: {tuple(np.shape(got[k]))} in the checkpoint, {tuple(want[k].shape)} in "
                f"the model" for k in want if tuple(np.shape(got[k])) != tuple(want[k].shape)]
   if misshapen:

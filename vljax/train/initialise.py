@@ -3,7 +3,6 @@ image tower from one run and the text tower from another, as multi-stage recipes
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vljax.convert import checkpoints, posemb
+from vljax.convert import checkpoints
 from vljax.train.config import init_entries
 
 log = logging.getLogger("vljax")
@@ -34,22 +33,6 @@ class _Source:
         self._scanned = flax.traverse_util.flatten_dict(
             self._imported.scanned(self._imported.params), sep="/")
       yield self._scanned
-
-
-def _resized_position_table(path: str, value, want_shape, method: str) -> np.ndarray | None:
-  """A ViT's learned position table ([1, prefix + rows * cols, D] at ".../pos_embedding/
-  pos_embedding") resampled to `want_shape`'s square grid, for a model that sees another image
-  size than the checkpoint's; None when `path` is no such table or the shapes say otherwise."""
-  shape, want = tuple(np.shape(value)), tuple(want_shape)
-  if (not path.endswith("pos_embedding/pos_embedding") or len(shape) != 3 or len(want) != 3
-      or shape[0] != want[0] or shape[2] != want[2] or shape == want):
-    return None
-  for prefix in (0, 1):  # no extra token, or a CLS token
-    old, new = math.isqrt(shape[1] - prefix), math.isqrt(want[1] - prefix)
-    if old * old == shape[1] - prefix and new * new == want[1] - prefix and old and new:
-      table = posemb.resample(np.asarray(value)[0], (new, new), method=method, num_prefix=prefix)
-      return table[None]
-  return None
 
 
 def load_init_params(config, params, shardings, frozen):
@@ -124,7 +107,7 @@ def load_init_params(config, params, shardings, frozen):
         raise ValueError(f"{name} writes {dst} twice (from {targets[dst]} and {src})")
       if dst in written:
         raise ValueError(f"{written[dst]} and {name} both write {dst}")
-      resized = _resized_position_table(src, loaded[src], flat[dst].shape,
+      resized = checkpoints.resize_position_table(src, loaded[src], flat[dst].shape,
                                         sources[key].posemb_method)
       if resized is not None:
         log.info("%s: resampled %s from %s to %s (%s, as %s does)", name, src,
