@@ -19,7 +19,10 @@ def get_config():
   c.tpu.topology = "v5e-64"  # 64 chips of 16 GiB
   c.microbatches = 4  # 8,192 examples (128 per chip) at a time
   c.model = dict(
-      image=dict(variant="B/16", pool="map", act="gelu_tanh", scan=True, remat="dots_no_batch"),
+      # big_vision's SigLIP: flax's tanh GELU everywhere (the MAP head's MLP too), no image head
+      # (the MAP head's output is the embedding); the released B/16 files have this layout.
+      image=dict(variant="B/16", pool="map", act="gelu_tanh", map_act="gelu_tanh", out_dim=None,
+                 scan=True, remat="dots_no_batch"),
       text=dict(vocab_size=32000, variant="B", causal=False, pool="last", mask_padding=False, act="gelu_tanh",
                 out_bias=True,
                 scan=True, remat="dots_no_batch"),

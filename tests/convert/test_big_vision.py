@@ -403,3 +403,20 @@ def test_checkpoint_registry_reads_npz_files(npz_file):
   jax.tree.map(np.testing.assert_array_equal, imported.params, params)
   _, scanned = big_vision.load(path, scan=True)
   jax.tree.map(np.testing.assert_array_equal, imported.scanned(imported.params), scanned)
+
+
+def test_siglip_b16_config_has_the_released_b16_layout():
+  """experiments/configs/siglip_b16.py trains what big_vision released as SigLIP B/16 224: the
+  same .npz keys and shapes, and nothing big_vision cannot express (exportable as is)."""
+  from vljax.train.config import load_config  # pylint: disable=import-outside-toplevel
+  fields = load_config("siglip_b16.py").model.to_dict()
+  fields["image"] = dict(fields["image"], scan=False, remat="none")
+  fields["text"] = dict(fields["text"], scan=False, remat="none", pad_id=big_vision.PAD_ID,
+                        max_len=64)
+  model = TwoTower(**fields, contrastive="sigmoid")
+  released, image_size = big_vision.preset("B/16 224")
+  want = big_vision.abstract_npz(released, image_size=image_size)
+  got = big_vision.abstract_npz(model, image_size=224)
+  assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+  # What the export command checks first.
+  big_vision._check_expressible(model)  # pylint: disable=protected-access
