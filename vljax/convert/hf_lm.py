@@ -271,6 +271,13 @@ def to_hf(model: nn.Module, params: Mapping) -> dict[str, np.ndarray]:
   params = nn.meta.unbox(params)
   if set(params) == {"params"}:  # the variables dict of `model.init`
     params = params["params"]
+  adapters = [k for k in flax.traverse_util.flatten_dict(params, sep="/")
+              if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")]
+  if getattr(model, "lora_rank", 0) or adapters:
+    raise ValueError(f"this {type(model).__name__} has LoRA adapters ({len(adapters)} arrays, "
+                     f"e.g. {adapters[:1]}), which transformers' model has no place for: merge "
+                     "them first, `hf_lm.save(path, model.clone(lora_rank=0), lora.merge(params, "
+                     "alpha=model.lora_alpha, rank=model.lora_rank))` (vljax.nn.lora)")
   config = hf_config(model)
   _check_params(model, params)
   if isinstance(model, t5.T5):

@@ -109,6 +109,10 @@ class LM(nn.Module):
   decode: bool = False  # KV-cached self-attention; see init_cache / decode_step_fn
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # LoRA adapters on the decoder's projections (vljax.nn.lora); lora_rank 0: none.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  lora_targets: Sequence[str] = ("query", "value")  # see vljax.nn.lora.LORA_TARGETS
 
   def config(self) -> dict[str, Any]:
     """Every size and recipe option: explicit fields over the variant over the recipe."""
@@ -155,7 +159,8 @@ class LM(nn.Module):
         rms_norm=c["norm"] == "rms", decode=self.decode, num_kv_heads=c["num_kv_heads"],
         head_dim=c["head_dim"], rope_base=c["rope_base"] if c["positions"] == "rotary" else None,
         gated_mlp=c["gated_mlp"], use_bias=c["use_bias"],
-        cache_context=self.cross_attention_every > 0, **kw)
+        cache_context=self.cross_attention_every > 0, lora_rank=self.lora_rank,
+        lora_alpha=self.lora_alpha, lora_targets=self.lora_targets, **kw)
     self.decoder = Transformer(c["depth"], block, cross_attention=self.cross_attention_every > 0,
                                cross_attention_every=max(self.cross_attention_every, 1),
                                scan=self.scan, remat=self.remat)

@@ -145,6 +145,10 @@ class T5(nn.Module):
   decode: bool = False  # KV-cached decoder; see init_cache / decode_step_fn
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # LoRA adapters on both stacks' projections (vljax.nn.lora); lora_rank 0: none.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  lora_targets: Sequence[str] = ("query", "value")  # see vljax.nn.lora.LORA_TARGETS
 
   def config(self) -> dict[str, Any]:
     """Every size and option: explicit fields over the variant over T5_DEFAULTS."""
@@ -171,7 +175,8 @@ class T5(nn.Module):
     block = BlockConfig(c["num_heads"], c["mlp_dim"], act=c["act"], dropout=self.dropout,
                         norm_eps=c["norm_eps"], rms_norm=True, head_dim=c["head_dim"],
                         gated_mlp=c["gated_mlp"], use_bias=False, scale_attention=False,
-                        cache_context=True, **kw)
+                        cache_context=True, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                        lora_targets=self.lora_targets, **kw)
     stack_kw = dict(num_buckets=c["num_buckets"], max_distance=c["max_distance"],
                     bias_init_std=width ** -0.5, scan=self.scan, remat=self.remat)
     self.encoder = T5Stack(c["depth_encoder"], block, causal=False, **stack_kw)

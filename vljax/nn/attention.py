@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from vljax.nn.embeddings import apply_rotary
-from vljax.nn.layers import Dtype, constrain, default_kernel_init, partitioned
+from vljax.nn.layers import (Dtype, LoraDenseGeneral, constrain, default_kernel_init,
+                             partitioned)
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -94,6 +95,10 @@ class MultiHeadAttention(nn.Module):
   projected once, by the call that passes the context (e.g. over zero new tokens when a
   generation cache is made), and read from the "cache" collection by later calls, which pass
   `x_kv=None`.
+
+  With `lora_rank` > 0 the projections named in `lora_targets` ("query", "key", "value", "out")
+  get LoRA adapters (`vljax.nn.layers.LoraDenseGeneral`): A [embed, rank] and B [rank, heads, kv]
+  for query / key / value, A [heads, kv, rank] and B [rank, embed] for out.
   """
 
   num_heads: int
@@ -108,6 +113,9 @@ class MultiHeadAttention(nn.Module):
   cache_context: bool = False  # cross-attention whose context keys / values decode caches
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora_rank: int = 0  # 0: no adapters
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  lora_targets: tuple[str, ...] = ()  # projection names that get adapters
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, mask: jax.Array | None = None,
@@ -134,13 +142,20 @@ class MultiHeadAttention(nn.Module):
     if not self.scale_logits:  # Mesh TensorFlow's T5: q ~ (d_model * head_dim) ** -0.5
       query_init = lambda *a: default_kernel_init(*a) * head_dim ** -0.5
 
+    def dense(name: str, features: tuple[int, ...], axis: tuple[int, ...],
+              names: tuple[str, ...], kernel_init) -> nn.Module:
+      kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name)
+      if self.lora_rank and name in self.lora_targets:
+        return LoraDenseGeneral(features, axis, names, rank=self.lora_rank,
+                                alpha=self.lora_alpha, kernel_init=kernel_init, **kw)
+      return nn.DenseGeneral(features, axis=axis, kernel_init=partitioned(kernel_init, names),
+                             bias_init=partitioned(nn.initializers.zeros,
+                                                   names[len(axis):]), **kw)
+
     def proj(name: str, x: jax.Array, heads: int) -> jax.Array:
-      return nn.DenseGeneral(
-          (heads, head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=partitioned(query_init if name == "query" else default_kernel_init,
-                                  ("embed", "heads", "kv")),
-          bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
+      kernel_init = query_init if name == "query" else default_kernel_init
+      return dense(name, (heads, head_dim), (-1,), ("embed", "heads", "kv"), kernel_init)(x)
 
     q_bqhd = constrain(proj("query", x_q, self.num_heads), ("batch", "seq", "act_heads", None))
     if self.decode and self.cache_context:
@@ -169,11 +184,8 @@ class MultiHeadAttention(nn.Module):
 
     out_bqhd = dot_product_attention(q_bqhd, k_bkhd, v_bkhd, mask, bias=bias,
                                      scale_logits=self.scale_logits)
-    out_bqd = nn.DenseGeneral(
-        self.out_features or width, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=partitioned(default_kernel_init, ("heads", "kv", "embed")),
-        bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="out")(out_bqhd)
+    out_bqd = dense("out", (self.out_features or width,), (-2, -1), ("heads", "kv", "embed"),
+                    default_kernel_init)(out_bqhd)
     return nn.Dropout(self.dropout)(out_bqd, deterministic=deterministic)
 
   def _update_cache(self, k_bkhd, v_bkhd, mask, positions_bt):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from vljax.nn.attention import MultiHeadAttention
 from vljax.nn.layers import ACTIVATIONS, Dtype, LayerNorm, MlpBlock, constrain
+from vljax.nn.lora import ATTENTION_TARGETS, GATED_MLP_TARGETS, MLP_TARGETS, LORA_TARGETS
 
 REMAT_POLICIES = {
     "none": None,
@@ -34,6 +35,11 @@ class BlockConfig:
   query attention), rope_base (rotary self-attention), gated_mlp (SwiGLU with act="silu") and
   use_bias=False. T5 sets scale_attention=False (no 1 / sqrt(head_dim) on the logits) and
   cache_context (decode projects the cross-attention context once, see MultiHeadAttention).
+
+  `lora_rank` > 0 adds LoRA adapters (`vljax.nn.lora`) to the projections named in
+  `lora_targets`: "query", "key", "value", "out" (in self- and cross-attention) and the MLP's
+  "fc1", "fc2" (or, gated, "gate", "up", "down"). With the default 0 the parameter tree is the
+  one without adapters.
   """
 
   num_heads: int
@@ -53,6 +59,9 @@ class BlockConfig:
   use_bias: bool = True  # biases of the attention and MLP projections (not of the norms)
   scale_attention: bool = True  # attention logits / sqrt(head_dim); False: T5
   cache_context: bool = False  # decode caches the cross-attention context's keys / values
+  lora_rank: int = 0  # rank of the LoRA adapters; 0: none
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank (LoRA, peft)
+  lora_targets: tuple[str, ...] = ("query", "value")  # projections with adapters (see above)
 
   def __post_init__(self):
     if self.norm_position not in ("pre", "post"):
@@ -65,6 +74,25 @@ class BlockConfig:
                        f"{self.num_kv_heads}")
     if self.rope_base is not None and self.head_dim is not None and self.head_dim % 2:
       raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+    self._check_lora()
+
+  def _check_lora(self):
+    if isinstance(self.lora_targets, str):
+      raise ValueError(f"lora_targets={self.lora_targets!r} must be a tuple of projection names, "
+                       f"e.g. ({self.lora_targets!r},)")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # lists stay hashable
+    if self.lora_rank < 0:
+      raise ValueError(f"lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+      raise ValueError(f"Unknown lora_targets {unknown}; choose among {list(LORA_TARGETS)}")
+    mlp_names = GATED_MLP_TARGETS if self.gated_mlp else MLP_TARGETS
+    absent = [t for t in self.lora_targets if t not in ATTENTION_TARGETS + mlp_names]
+    if absent:
+      raise ValueError(f"lora_targets {absent} are not in this block: its "
+                       f"{'gated ' if self.gated_mlp else ''}MLP has {list(mlp_names)}")
+    if self.lora_rank and not self.lora_targets:
+      raise ValueError(f"lora_rank={self.lora_rank} but lora_targets is empty")
 
   def replace(self, **changes) -> BlockConfig:
     """A copy with `changes` applied (e.g. `decode=True` for a generation clone)."""
@@ -94,7 +122,8 @@ class Block(nn.Module):
     """`positions_bt` (int [B, T]) places the tokens for rotary self-attention;
     `attention_bias` is added to the self-attention logits (T5's relative position bias)."""
     c = self.config
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, lora_rank=c.lora_rank,
+              lora_alpha=c.lora_alpha, lora_targets=c.lora_targets)
     x_btd = constrain(x_btd, ("batch", "seq", "act_embed"))
     self_attn = MultiHeadAttention(c.num_heads, head_dim=c.head_dim, num_kv_heads=c.num_kv_heads,
                                    rope_base=c.rope_base, use_bias=c.use_bias, decode=c.decode,
