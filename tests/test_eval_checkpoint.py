@@ -128,7 +128,8 @@ def test_bad_checkpoints_and_workdirs_are_refused(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint at .*missing"):
     checkpoints.read(tmp_path / "missing")
   (tmp_path / "weights.bin").write_bytes(b"\x80\x04not read")
-  with pytest.raises(ValueError, match="is not a checkpoint vljax reads; formats: Hugging Face"):
+  with pytest.raises(ValueError, match="is not a checkpoint vljax reads; formats: open_clip "
+                     "model directory, Hugging Face model, big_vision .npz file, vljax"):
     checkpoints.read(tmp_path / "weights.bin")
   pickles = tmp_path / "pickles"
   pickles.mkdir()

@@ -1,5 +1,5 @@
-"""ImageProcessor gives the pixels of transformers' CLIP / SigLIP image processors (the PIL
-backend AutoImageProcessor builds without torchvision) on scikit-image's sample photographs:
+"""ImageProcessor gives the pixels of transformers' CLIP / SigLIP image processors (their PIL
+backend, `backend="pil"`, the released processors' behaviour) on scikit-image's photographs:
 square, landscape, portrait, small (upscaled), grayscale and RGBA."""
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def images():
 def test_pixels_match_transformers(tmp_path, images, name):
   with open(tmp_path / "preprocessor_config.json", "w") as f:
     json.dump(CONFIGS[name], f)
-  reference = transformers.AutoImageProcessor.from_pretrained(str(tmp_path))
+  # The PIL processor (transformers picks its torchvision one when torchvision is installed).
+  reference = transformers.AutoImageProcessor.from_pretrained(str(tmp_path), backend="pil")
   assert reference.backend == "pil"
   processor = ImageProcessor.from_pretrained(tmp_path)
   for image_name, image in images.items():

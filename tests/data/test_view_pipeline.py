@@ -47,11 +47,14 @@ def test_the_batch_spec_of_every_family_and_view_matches_the_pipeline(family, vi
     config.model = dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8),
                         width=32, num_heads=2, mlp_dim=64, unimodal_depth=1, multimodal_depth=1,
                         num_caption_queries=4)
-  settings = {}
+  settings, changes = {}, {}
   if family in ("lm", "t5"):
     config.model = dict(variant="mu", recipe="llama") if family == "lm" else dict(variant="mu")
     settings = dict(prefix_words=-1) if family == "t5" else {}
-  config.data = dict(SMALL, view=view, text_bos=True, view_settings=settings)
+  if family == "llava":
+    config.model = dict(variant="mu")
+    changes = dict(max_text_len=96) if view == "chat" else {}  # the system prompt fits
+  config.data = dict(SMALL, view=view, text_bos=True, view_settings=settings, **changes)
   config.evals = {}
   exp = build_experiment(config)
   batch = next(train_iterator(exp.data_cfg, exp.tokenizer, seed=0,

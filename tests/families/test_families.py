@@ -34,9 +34,9 @@ def test_every_family_declares_known_predict_functions_and_views():
   with pytest.raises(ValueError, match="unknown predict function"):
     Family("x", object, lambda c, t: {}, lambda b: (), lambda *a: None, lambda *a: None,
            predict={"embed": None})
-  with pytest.raises(ValueError, match=r"config\.family='llava'; choose one of "
-                                       r"\['coca', 'lm', 't5', 'two_tower'\]"):
-    get_family("llava")
+  with pytest.raises(ValueError, match=r"config\.family='flamingo'; choose one of "
+                                       r"\['coca', 'llava', 'lm', 't5', 'two_tower'\]"):
+    get_family("flamingo")
 
 
 def test_config_family_alone_names_the_model():

@@ -1,7 +1,18 @@
 """Tiny configs and batches shared by the training tests."""
+import os
+
 import numpy as np
 
 from vljax.train.config import base_config
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a test's subprocess: `devices` fake CPU devices (None: XLA's one) and the
+  test run's fast-compile flags (tests/conftest.py)."""
+  flags = os.environ.get("VLJAX_TEST_XLA_FLAGS", "")
+  if devices is not None:
+    flags = f"--xla_force_host_platform_device_count={devices} {flags}"
+  return flags.strip()
 
 
 def small_evals(zeroshot: int = 48, retrieval: int = 40, captioning: int = 0, batch_size: int = 16):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, xla_flags
 from vljax.nn import constrain
 from vljax.train.dry_run import CPU_MEMORY_NOTE, abstract_inputs, dry_run, format_report
 from vljax.train.loop import build_experiment
@@ -58,7 +58,7 @@ def test_report_labels_cpu_compiled_memory():
 
 def test_main_dry_run_and_missing_data_source():
   """The accelerator configs dry-run on a CPU host, and refuse to train without real data."""
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=xla_flags())
   proc = subprocess.run([sys.executable, "experiments/main.py", "--config=clip_b16.py", "--dry_run",
                          "--topology=none", "--config.batch_size=16", "--config.microbatches=1",
                          "--config.model.image.variant=mu/16",

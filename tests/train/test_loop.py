@@ -32,7 +32,7 @@ def test_train_writes_metrics_and_resumes(tmp_path, caplog):
     assert os.path.getsize(os.path.join(workdir, picture)) > 10_000
 
   # Longer run in the same workdir: resumes from step 6 and trains only steps 7..8.
-  config = tiny_config(total_steps=8)
+  config = tiny_config(total_steps=8, evals={})
   with caplog.at_level(logging.INFO, logger="vljax"):
     train_and_evaluate(config, workdir)
   assert "Resuming from the checkpoint at step 6" in caplog.text
@@ -44,10 +44,10 @@ def test_train_writes_metrics_and_resumes(tmp_path, caplog):
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   """Checkpoint + data iterator state make a resumed run reproduce the uninterrupted losses."""
   full = str(tmp_path / "full")
-  train_and_evaluate(tiny_config(total_steps=6, log_every=1), full)
+  train_and_evaluate(tiny_config(total_steps=6, log_every=1, evals={}), full)
   split = str(tmp_path / "split")
-  train_and_evaluate(tiny_config(total_steps=3, log_every=1), split)
-  train_and_evaluate(tiny_config(total_steps=6, log_every=1), split)
+  train_and_evaluate(tiny_config(total_steps=3, log_every=1, evals={}), split)
+  train_and_evaluate(tiny_config(total_steps=6, log_every=1, evals={}), split)
   read = lambda w: [(r["step"], r["train/loss"]) for r in map(json.loads, open(os.path.join(w, "metrics.jsonl")))
                     if "train/loss" in r]
   assert read(split) == read(full)
@@ -70,10 +70,10 @@ def test_checkpoint_round_trip(tmp_path):
 def test_lit_locks_the_image_tower(tmp_path):
   """LiT: image tower loaded from a CLIP checkpoint, bitwise unchanged, with no optimizer state."""
   clip_dir = str(tmp_path / "clip")
-  train_and_evaluate(tiny_config(total_steps=3), clip_dir)
+  train_and_evaluate(tiny_config(total_steps=3, evals={}), clip_dir)
   source = load_params(clip_dir)
 
-  config = tiny_config(total_steps=4)
+  config = tiny_config(total_steps=4, evals={})
   config.optim.freeze = "img/.*"
   config.init = [dict(checkpoint=clip_dir, params="img/.*")]
   lit_dir = str(tmp_path / "lit")
@@ -98,7 +98,11 @@ def test_lit_locks_the_image_tower(tmp_path):
 
 def test_init_checkpoint_with_missing_keys_is_named(tmp_path):
   clip_dir = str(tmp_path / "clip")
-  train_and_evaluate(tiny_config(total_steps=1), clip_dir)
+  exp = build_experiment(tiny_config(total_steps=1))
+  with exp.context():  # a checkpoint as training writes it, without the training
+    checkpointer = Checkpointer(clip_dir)
+    checkpointer.save(1, exp.init())
+    checkpointer.close()
   config = tiny_config(total_steps=1)
   config.model["image"]["depth"] = 2  # layer_1 does not exist in the checkpoint
   config.init = [dict(checkpoint=clip_dir, params="img/.*")]

@@ -10,14 +10,18 @@ import time
 
 import numpy as np
 
+from tests.train.helpers import xla_flags
 from vljax.train.checkpoint import Checkpointer, load_params
 from vljax.train.reporting import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# For runs whose evaluation no test reads: the final evaluation (sets, compiles, samples.png)
+# would be most of such a short run's time.
+NO_EVALS = {"evals": {}}
 
 
 def _env(devices: int, **extra) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   for key in ("VLJAX_COORDINATOR_ADDRESS", "VLJAX_NUM_PROCESSES", "VLJAX_PROCESS_ID"):
     env.pop(key, None)
@@ -52,8 +56,8 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   mesh = {"mesh": [["data", 4], ["fsdp", 1], ["tensor", 1]]}
   single = tmp_path / "single"
-  _finish(_worker(single, 3, mesh, devices=4))
-  multi = tmp_path / "multi"
+  _finish(_worker(single, 3, {**mesh, **NO_EVALS}, devices=4))  # the reference: losses, params
+  multi = tmp_path / "multi"  # evaluates too, with both processes
   port = _free_port()
   procs = [_worker(multi, 3, mesh, devices=2, VLJAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    VLJAX_NUM_PROCESSES=2, VLJAX_PROCESS_ID=i) for i in range(2)]
@@ -75,7 +79,7 @@ def jax_tree_allclose(a, b, atol):
 
 
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_losses(tmp_path):
-  steps, changes = 24, {"checkpoint_every": 4}
+  steps, changes = 24, {"checkpoint_every": 4, **NO_EVALS}
   full = tmp_path / "full"
   _finish(_worker(full, steps, changes, devices=1))
   killed = tmp_path / "killed"
@@ -110,8 +114,10 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(tmp_path):
 
 
 def test_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
-  _finish(_worker(tmp_path, 3, {"mesh": [["data", 2], ["fsdp", 4], ["tensor", 1]]}, devices=8))
-  out = _finish(_worker(tmp_path, 5, {"mesh": [["data", 2], ["fsdp", 1], ["tensor", 1]]}, devices=2))
+  _finish(_worker(tmp_path, 3, {"mesh": [["data", 2], ["fsdp", 4], ["tensor", 1]], **NO_EVALS},
+                  devices=8))
+  out = _finish(_worker(tmp_path, 5, {"mesh": [["data", 2], ["fsdp", 1], ["tensor", 1]],
+                                      **NO_EVALS}, devices=2))
   assert "Resuming from the checkpoint at step 3" in out
   assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5]
   assert Checkpointer(str(tmp_path)).latest_step() == 5

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.train.helpers import tiny_config, small_evals
+from tests.train.helpers import small_evals, tiny_config, xla_flags
 from vljax.train import loop
 from vljax.train.checkpoint import Checkpointer
 
@@ -20,9 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 8
 
 
-def _config():
+def _config(evaluate: bool = True):
+  """Evaluates at the end (`evaluate`), so a completed run returns metrics, a stopped one {}."""
   c = tiny_config(total_steps=STEPS, log_every=1, checkpoint_every=100)
-  c.evals = small_evals(retrieval=16)
+  c.evals = small_evals(retrieval=16) if evaluate else {}
   return c
 
 
@@ -64,7 +65,7 @@ def _stall(monkeypatch, stall_at, signum):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  loop.train_and_evaluate(_config(), workdir)
+  loop.train_and_evaluate(_config(evaluate=False), workdir)
   return _losses(workdir)
 
 
@@ -77,7 +78,7 @@ def test_sigterm_in_a_stalled_input_pipeline_saves_the_last_step_and_resumes_exa
   assert time.time() - t0 < 100  # the 120 s sleep was cut short
   assert Checkpointer(workdir).latest_step() == 4  # the step before the stalled batch
   monkeypatch.undo()
-  loop.train_and_evaluate(_config(), workdir)
+  loop.train_and_evaluate(_config(evaluate=False), workdir)
   resumed = _losses(workdir)
   assert sorted(resumed) == list(range(1, STEPS + 1))
   for step in range(1, STEPS + 1):  # the half-read batch was read again, nothing skipped
@@ -93,13 +94,11 @@ def test_ctrl_c_saves_and_raises_keyboard_interrupt(tmp_path, monkeypatch):
 
 
 CONFIG_FILE = '''
-from tests.train.helpers import small_evals, tiny_config
+from tests.train.helpers import tiny_config
 
 
 def get_config():
-  c = tiny_config(total_steps=100000, log_every=1, checkpoint_every=100000)
-  c.evals = small_evals(retrieval=16)
-  return c
+  return tiny_config(total_steps=100000, log_every=1, checkpoint_every=100000, evals={})
 '''
 
 
@@ -107,7 +106,7 @@ def _main(tmp_path, *args):
   config = tmp_path / "stop_config.py"
   config.write_text(CONFIG_FILE)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   return subprocess.Popen([sys.executable, os.path.join(REPO, "experiments", "main.py"),
                            f"--config={config}", f"--workdir={tmp_path / 'run'}", *args],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -7,15 +7,25 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, xla_flags
 from vljax.errors import ConfigError
 from vljax.train import tpu
 from vljax.train.dry_run import check_topology_mesh, dry_run, format_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_libtpu = pytest.mark.skipif(not tpu.libtpu_available(), reason="libtpu is not installed")
+
+
+@pytest.fixture(autouse=True)
+def keep_the_compilation_cache():
+  """A TPU dry run turns the persistent compilation cache off in its process (compile-only
+  executables cannot be read back); the tests that run after these in the process keep it."""
+  enabled = jax.config.jax_enable_compilation_cache
+  yield
+  jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def small_config(**changes):
@@ -91,7 +101,7 @@ def test_without_libtpu_it_says_how_to_install_and_falls_back_to_cpu(monkeypatch
 
 def test_main_topology_flag_and_the_configs_slice():
   """--topology overrides config.tpu.topology; a mismatching mesh stops with both named."""
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=xla_flags())
   proc = subprocess.run([sys.executable, "experiments/main.py", "--config=coca_large.py",
                          "--dry_run", "--topology=v5e-8"],
                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

@@ -54,7 +54,9 @@ def write_shards(directory, num_good: int = 22, bad: bool = True) -> tuple[str, 
 
 
 def webdataset_config(pattern, **changes):
-  config = tiny_config(**{"total_steps": 8, "log_every": 4, "checkpoint_every": 4, **changes})
+  """Training on the shards; no evaluation (these tests read the training metrics only)."""
+  config = tiny_config(**{"total_steps": 8, "log_every": 4, "checkpoint_every": 4, "evals": {},
+                          **changes})
   config.data["source"] = "webdataset"
   config.data["webdataset"] = dict(shards=pattern)
   config.data["min_records_before_check"] = 10_000  # the planted fraction is far above 5%

@@ -6,7 +6,7 @@ a frozen tower (LiT) without touching either. A format is detected from the path
 
   vljax         a vljax workdir, its checkpoints dir, or one step dir (orbax)
   transformers  a Hugging Face model directory (config.json + safetensors): CLIP and SigLIP
-                (`hf_clip`), LLaMA / OPT / GPT-2 / T5 (`hf_lm`)
+                (`hf_clip`), LLaMA / OPT / GPT-2 / T5 (`hf_lm`), LLaVA (`hf_llava`)
   open_clip     an open_clip hub directory (open_clip_config.json + open_clip_model.safetensors):
                 CLIP and CoCa (`open_clip`)
   big_vision    a big_vision SigLIP parameter file (`.npz`, `big_vision`)
@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import numpy as np
 
-from vljax.convert import big_vision, hf, hf_clip, hf_image, hf_lm, open_clip, posemb
+from vljax.convert import (big_vision, hf, hf_clip, hf_image, hf_llava, hf_lm, open_clip,
+                           posemb)
 from vljax.models import t5
 from vljax.models.two_tower import TwoTower
 
@@ -92,20 +93,32 @@ def _has_tokenizer(directory: str) -> bool:
              for name in ("tokenizer.json", "tokenizer.model", "spiece.model"))
 
 
+def _normalisation(path: str) -> dict[str, Any]:
+  """image_mean / image_std from a directory's processor config (CLIP's, SigLIP's, LLaVA's)."""
+  processor, data = _json(os.path.join(path, hf_image.PREPROCESSOR_CONFIG)), {}
+  for key in ("image_mean", "image_std"):
+    value = processor.get(key)
+    if isinstance(value, (int, float)):
+      value = [value] * 3
+    if isinstance(value, list) and len(value) == 3:
+      data[key] = tuple(float(x) for x in value)
+  return data
+
+
 def _read_transformers(path: str) -> Imported:
   model_type = _json(os.path.join(path, hf.CONFIG_NAME)).get("model_type")
+  if model_type == hf_llava.MODEL_TYPE:
+    model, params = hf_llava.load(path)
+    data = dict(image_size=hf_llava.image_size_of(model, params), **_normalisation(path))
+    if _has_tokenizer(path):
+      data["tokenizer"] = path
+    return Imported("transformers", path, params, family="llava", model=config_fields(model),
+                    data=data, scanned=lambda p: hf_llava.scan_params(model, p))
   if hf_clip.handles(model_type):
     model, params = hf_clip.load(path)
     data: dict[str, Any] = dict(image_size=hf_clip.image_size_of(model, params),
-                                max_text_len=int(model.text["max_len"]))
-    # Normalisation constants from the processor config (CLIP's, SigLIP's, SigLIP 2's).
-    processor = _json(os.path.join(path, hf_image.PREPROCESSOR_CONFIG))
-    for key in ("image_mean", "image_std"):
-      value = processor.get(key)
-      if isinstance(value, (int, float)):
-        value = [value] * 3
-      if isinstance(value, list) and len(value) == 3:
-        data[key] = tuple(float(x) for x in value)
+                                max_text_len=int(model.text["max_len"]),
+                                **_normalisation(path))
     if _has_tokenizer(path):  # its template: CLIP's bos text eos, SigLIP's text eos
       data.update(tokenizer=path, text_bos=model_type == "clip", text_eos=True)
     return _two_tower("transformers", path, model, params, data,

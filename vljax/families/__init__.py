@@ -5,7 +5,7 @@ and model fields), a line in FAMILIES, and configs; see the README's worked exam
 """
 from __future__ import annotations
 
-from vljax.families import coca, lm, two_tower
+from vljax.families import coca, llava, lm, two_tower
 from vljax.families.base import (PREDICT_FUNCTIONS, Bound, Family, bind, build_model,
                                  model_config, normalize_images)
 
@@ -13,7 +13,7 @@ __all__ = ["FAMILIES", "PREDICT_FUNCTIONS", "Bound", "Family", "bind", "build_mo
            "get_family", "model_config", "normalize_images"]
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    two_tower.FAMILY, coca.FAMILY, lm.LM_FAMILY, lm.T5_FAMILY)}
+    two_tower.FAMILY, coca.FAMILY, lm.LM_FAMILY, lm.T5_FAMILY, llava.FAMILY)}
 
 
 def get_family(name: str) -> Family:

@@ -60,6 +60,9 @@ class ViT(nn.Module):
   pool: str = "gap"  # "gap" | "cls" | "map" | "none"
   class_token: bool | None = None  # a learned token before the patches; None: with pool="cls"
   pre_norm: bool = False  # CLIP's ln_pre after the embeddings
+  # The encoder's LayerNorm after the last layer; False for features read before it (LLaVA's
+  # penultimate-layer features).
+  final_norm: bool = True
   patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
   act: str = "gelu"
   map_act: str = "gelu"  # the MLP activation of the MAP head (SigLIP: "gelu_tanh")
@@ -110,8 +113,8 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     block = BlockConfig(s["num_heads"], s["mlp_dim"], act=self.act, dropout=self.dropout,
                         norm_eps=self.norm_eps, **kw)
-    x = Transformer(s["depth"], block, scan=self.scan, remat=self.remat,
-                    name="encoder")(x, deterministic=not train)
+    x = Transformer(s["depth"], block, final_norm=self.final_norm, scan=self.scan,
+                    remat=self.remat, name="encoder")(x, deterministic=not train)
     aux["tokens"] = x
     if self.pool == "map":
       pooled = AttentionPool(s["num_heads"], mlp_dim=s["mlp_dim"], act=self.map_act,
