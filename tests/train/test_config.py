@@ -188,7 +188,7 @@ def _changed(**changes):
     (dict(data=dict(source="webdatset")), r"config\.data\.source must be one of shapes, "
                                           r"webdataset, tfds"),
     (dict(data=dict(image_sise=32)), r"config\.data\.image_sise; did you mean config\.data\.image_size"),
-    (dict(family="clip"), r"config\.family must be one of coca, lm, t5, two_tower, got 'clip'"),
+    (dict(family="clip"), r"config\.family must be one of coca, llava, lm, t5, two_tower, got 'clip'"),
     (dict(compute_dtype="float16"), r"config\.compute_dtype must be float32 or bfloat16"),
 ])
 def test_each_validation_rule_names_key_and_range(changes, message):
